@@ -1,0 +1,4 @@
+select
+    carrier,
+    name as airline_name
+from {{ source('raw', 'airlines') }}

@@ -1,0 +1,48 @@
+"""The code location: every asset, check, job and resource, assembled from the settings.
+
+Importing this module must stay cheap (every run, step and code server imports it): no
+Google SDK, kfp, scikit-learn or pandas at module top anywhere it reaches.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ml_platform.assets.dbt import build_dbt_assets
+from ml_platform.assets.ingest import build_ingest_assets
+from ml_platform.assets.model import build_model_asset
+from ml_platform.assets.predictions import DAILY_2013, build_predictions_asset
+from ml_platform.resources import build_resources
+from ml_platform.settings import Settings, get_settings
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    ingest = build_ingest_assets(settings)
+    dbt_features, dbt_reporting = build_dbt_assets(settings)
+    model = build_model_asset(settings)
+    predictions = build_predictions_asset(settings)
+
+    training_job = dg.define_asset_job(
+        "train_flight_delay_model",
+        selection=dg.AssetSelection.assets(ingest, dbt_features, model),
+        description="Ingest, build the features and train + evaluate the model.",
+    )
+    predictions_job = dg.define_asset_job(
+        "score_flights",
+        selection=dg.AssetSelection.assets(predictions),
+        partitions_def=DAILY_2013,
+        description="Score one day of flights with the latest model.",
+    )
+    reporting_job = dg.define_asset_job(
+        "refresh_reporting",
+        selection=dg.AssetSelection.assets(dbt_reporting),
+        description="Rebuild the dbt reporting models over the predictions.",
+    )
+    return dg.Definitions(
+        assets=[ingest, dbt_features, model, predictions, dbt_reporting],
+        jobs=[training_job, predictions_job, reporting_job],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions(get_settings())

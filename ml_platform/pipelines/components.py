@@ -1,0 +1,126 @@
+"""Kubeflow components: thin shells that move artifacts and call ``model.py``.
+
+Each component runs in its own process (a subprocess under kfp.local, a container on
+Vertex AI) from the same installed ``ml_platform`` package, so its body imports the
+package's plain functions instead of repeating them. ``install_kfp_package=False``: the
+component image already has kfp (it is the project's own image), and a uv venv has no pip.
+"""
+
+from functools import partial
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+# The image is a stand-in: ml_platform.pipelines.compile sets every executor's image to the
+# deployment's component image when it compiles a template.
+component = partial(dsl.component, base_image="python:3.11-slim", install_kfp_package=False)
+
+
+@component
+def load_training_data(
+    warehouse_uri: str,
+    dataset: str,
+    table: str,
+    cutoff_date: str,
+    train: Output[Dataset],
+    test: Output[Dataset],
+):
+    """Flights before the cutoff from the warehouse, split by the table's split column."""
+    from datetime import date
+
+    from ml_platform.pipelines import model
+    from ml_platform.resources.warehouse import open_warehouse
+
+    cutoff = date.fromisoformat(cutoff_date)
+    rows = open_warehouse(warehouse_uri).read_table(dataset, table, date_column=model.DATE, end=cutoff)
+    train_rows, test_rows = model.split_training_data(rows, cutoff, where=f"{dataset}.{table}")
+    for artifact, frame in ((train, train_rows), (test, test_rows)):
+        frame.to_parquet(artifact.path, index=False)
+        artifact.metadata["rows"] = len(frame)
+        artifact.metadata["delay_rate"] = float(frame[model.TARGET].astype(float).mean())
+
+
+@component
+def train_model(train: Input[Dataset], model: Output[Model]):
+    """Fit the gradient-boosted classifier on the train split."""
+    import pandas as pd
+    import sklearn
+
+    from ml_platform.pipelines import model as flight_model
+
+    rows = pd.read_parquet(train.path)
+    estimator = flight_model.train_model(rows)
+    model.metadata["version"] = flight_model.save_model(estimator, model.path)
+    model.metadata["framework"] = f"scikit-learn {sklearn.__version__}"
+    model.metadata["features"] = list(flight_model.FEATURES)
+    model.metadata["train_rows"] = len(rows)
+    model.metadata["iterations"] = int(estimator[-1].n_iter_)
+
+
+@component
+def evaluate_model(
+    model: Input[Model],
+    train: Input[Dataset],
+    test: Input[Dataset],
+    metrics: Output[Metrics],
+    evaluation_plot: Output[Artifact],
+) -> NamedTuple("Evaluation", roc_auc=float, baseline_roc_auc=float):
+    """Test-split ROC AUC, log loss and Brier score, against the carrier x hour baseline."""
+    from collections import namedtuple
+
+    import pandas as pd
+
+    from ml_platform.pipelines import model as flight_model
+
+    estimator, _ = flight_model.load_model(model.path)
+    evaluation, curves = flight_model.evaluate(
+        estimator, pd.read_parquet(train.path), pd.read_parquet(test.path)
+    )
+    for name, value in evaluation.as_dict().items():
+        metrics.log_metric(name, value)
+    flight_model.plot_evaluation(evaluation, curves, evaluation_plot.path)
+    evaluation_plot.metadata["mime_type"] = "image/png"
+    return namedtuple("Evaluation", ["roc_auc", "baseline_roc_auc"])(
+        evaluation.roc_auc, evaluation.baseline_roc_auc
+    )
+
+
+@component
+def score_flights(
+    model: Input[Model],
+    warehouse_uri: str,
+    features_dataset: str,
+    features_table: str,
+    predictions_dataset: str,
+    predictions_table: str,
+    flight_date: str,
+    pipeline_job: str,
+) -> NamedTuple("Scoring", rows=int, mean_probability=float, model_version=str):
+    """Score every flight of one day and replace that day's predictions atomically."""
+    from collections import namedtuple
+    from datetime import date, timedelta
+
+    from ml_platform.pipelines import model as flight_model
+    from ml_platform.resources.warehouse import open_warehouse
+
+    # The model is read first: an unreadable artifact fails before the warehouse is touched.
+    estimator, model_version = flight_model.load_model(model.path)
+    day = date.fromisoformat(flight_date)
+    warehouse = open_warehouse(warehouse_uri)
+    features = warehouse.read_table(
+        features_dataset,
+        features_table,
+        date_column=flight_model.DATE,
+        start=day,
+        end=day + timedelta(days=1),
+    )
+    predictions = flight_model.score_flights(estimator, model_version, features, day, pipeline_job)
+    rows = warehouse.replace_partition(
+        predictions_dataset, predictions_table, flight_model.DATE, day, predictions
+    )
+    probabilities = predictions.column("delay_probability").to_pylist()
+    mean = sum(probabilities) / len(probabilities) if probabilities else 0.0
+    return namedtuple("Scoring", ["rows", "mean_probability", "model_version"])(
+        rows, mean, model_version
+    )

@@ -1,0 +1,104 @@
+"""The two Kubeflow pipelines: training (train + evaluate) and daily batch scoring."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Metrics, Model
+
+from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
+from ml_platform.pipelines.components import (
+    evaluate_model,
+    load_training_data,
+    score_flights,
+    train_model,
+)
+
+@dsl.pipeline(
+    name=TRAINING_PIPELINE,
+    description="Train a gradient-boosted flight delay classifier and evaluate it on the test "
+    "split against a carrier x scheduled-hour baseline.",
+)
+def training_pipeline(
+    warehouse_uri: str,
+    features_dataset: str,
+    cutoff_date: str,
+    training_table: str = "training_data",
+) -> NamedTuple(
+    "TrainingOutputs",
+    model=Model,
+    metrics=Metrics,
+    evaluation_plot=Artifact,
+    roc_auc=float,
+    baseline_roc_auc=float,
+):
+    data = load_training_data(
+        warehouse_uri=warehouse_uri,
+        dataset=features_dataset,
+        table=training_table,
+        cutoff_date=cutoff_date,
+    )
+    # It reads the warehouse, whose rows can change under the same arguments: never cached.
+    data.set_caching_options(False)
+    trained = train_model(train=data.outputs["train"])
+    trained.set_cpu_limit("4").set_memory_limit("16G")
+    evaluated = evaluate_model(
+        model=trained.outputs["model"],
+        train=data.outputs["train"],
+        test=data.outputs["test"],
+    )
+    outputs = NamedTuple(
+        "TrainingOutputs",
+        model=Model,
+        metrics=Metrics,
+        evaluation_plot=Artifact,
+        roc_auc=float,
+        baseline_roc_auc=float,
+    )
+    return outputs(
+        model=trained.outputs["model"],
+        metrics=evaluated.outputs["metrics"],
+        evaluation_plot=evaluated.outputs["evaluation_plot"],
+        roc_auc=evaluated.outputs["roc_auc"],
+        baseline_roc_auc=evaluated.outputs["baseline_roc_auc"],
+    )
+
+
+@dsl.pipeline(
+    name=PREDICTION_PIPELINE,
+    description="Score every flight of one day with a trained model and replace that day's "
+    "rows in the predictions table.",
+)
+def prediction_pipeline(
+    warehouse_uri: str,
+    features_dataset: str,
+    predictions_dataset: str,
+    flight_date: str,
+    model_uri: str,
+    features_table: str = "flight_features",
+    predictions_table: str = "flight_delay_predictions",
+) -> NamedTuple("PredictionOutputs", rows=int, mean_probability=float, model_version=str):
+    model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
+    scored = score_flights(
+        model=model.output,
+        warehouse_uri=warehouse_uri,
+        features_dataset=features_dataset,
+        features_table=features_table,
+        predictions_dataset=predictions_dataset,
+        predictions_table=predictions_table,
+        flight_date=flight_date,
+        pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    )
+    # It writes to the warehouse: a cached result would skip the write.
+    scored.set_caching_options(False)
+    outputs = NamedTuple("PredictionOutputs", rows=int, mean_probability=float, model_version=str)
+    return outputs(
+        rows=scored.outputs["rows"],
+        mean_probability=scored.outputs["mean_probability"],
+        model_version=scored.outputs["model_version"],
+    )
+
+
+PIPELINES = {
+    TRAINING_PIPELINE: training_pipeline,
+    PREDICTION_PIPELINE: prediction_pipeline,
+}

@@ -1,0 +1,143 @@
+"""Compiled pipeline templates, kept under tags that resolve to immutable sha256 versions.
+
+Artifact Registry (a KFP-format repository) on Google Cloud; a folder here. A job is
+always submitted by version, never by tag: a tag can move between resolving and running,
+and Vertex's service agent may not be allowed to read tags at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PACKAGE = re.compile(r"^[a-z][a-z0-9-]{0,127}$")
+
+
+class TemplateError(LookupError):
+    """A template, tag or version is unknown or cannot be stored."""
+
+
+@dataclass(frozen=True)
+class TemplateVersion:
+    package: str
+    version: str  # "sha256:<hex>"
+    uri: str  # what a runner submits: a local file, or an Artifact Registry URL
+    tags: tuple[str, ...] = ()
+
+
+def template_version_of(content: bytes) -> str:
+    return f"sha256:{hashlib.sha256(content).hexdigest()}"
+
+
+class TemplateRegistry(ABC):
+    @abstractmethod
+    def upload(self, package: str, template: Path, tags: Sequence[str]) -> TemplateVersion:
+        """Store a compiled template and point ``tags`` at its version."""
+
+    @abstractmethod
+    def resolve(self, package: str, tag: str) -> TemplateVersion:
+        """The version a tag points to now; ``TemplateError`` names the package and tag if unknown."""
+
+    @abstractmethod
+    def list_versions(self, package: str) -> list[TemplateVersion]: ...
+
+    @abstractmethod
+    def fetch(self, version: TemplateVersion) -> bytes:
+        """The compiled YAML of one version."""
+
+
+def check_tags(package: str, tags: Sequence[str]) -> None:
+    if not _PACKAGE.match(package):
+        raise TemplateError(f"invalid template package name {package!r}")
+    for tag in tags:
+        if tag.startswith("sha256:") or not _TAG.match(tag):
+            raise TemplateError(f"invalid tag {tag!r} for template {package}")
+
+
+class LocalTemplateRegistry(TemplateRegistry):
+    """``<root>/<package>/versions/<sha256>.yaml`` plus ``<root>/<package>/tags.json``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _package_dir(self, package: str) -> Path:
+        return self.root / package
+
+    @contextmanager
+    def _locked_tags(self, package: str) -> Iterator[dict[str, str]]:
+        # Two publishers can race (CLI and a Dagster run): the tags file is read, changed
+        # and replaced under an exclusive lock, and written atomically.
+        directory = self._package_dir(package)
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            tags = self._read_tags(package)
+            yield tags
+            scratch = directory / "tags.json.tmp"
+            scratch.write_text(json.dumps(tags, indent=2, sort_keys=True))
+            os.replace(scratch, directory / "tags.json")
+
+    def _read_tags(self, package: str) -> dict[str, str]:
+        path = self._package_dir(package) / "tags.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _version_path(self, package: str, version: str) -> Path:
+        return self._package_dir(package) / "versions" / f"{version.removeprefix('sha256:')}.yaml"
+
+    def _version(self, package: str, version: str, tags: dict[str, str]) -> TemplateVersion:
+        return TemplateVersion(
+            package=package,
+            version=version,
+            uri=str(self._version_path(package, version)),
+            tags=tuple(sorted(tag for tag, v in tags.items() if v == version)),
+        )
+
+    def upload(self, package: str, template: Path, tags: Sequence[str]) -> TemplateVersion:
+        check_tags(package, tags)
+        content = Path(template).read_bytes()
+        version = template_version_of(content)
+        path = self._version_path(package, version)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = path.with_suffix(".tmp")
+            scratch.write_bytes(content)
+            os.replace(scratch, path)
+        with self._locked_tags(package) as current:
+            current.update(dict.fromkeys(tags, version))
+            return self._version(package, version, current)
+
+    def resolve(self, package: str, tag: str) -> TemplateVersion:
+        tags = self._read_tags(package)
+        if tag.startswith("sha256:"):
+            version = tag
+        elif tag in tags:
+            version = tags[tag]
+        else:
+            known = ", ".join(sorted(tags)) or "none"
+            raise TemplateError(
+                f"template {package!r} has no tag {tag!r} in {self.root} (tags: {known})"
+            )
+        if not self._version_path(package, version).exists():
+            raise TemplateError(f"template {package!r} has no version {version} in {self.root}")
+        return self._version(package, version, tags)
+
+    def list_versions(self, package: str) -> list[TemplateVersion]:
+        tags = self._read_tags(package)
+        versions = self._package_dir(package) / "versions"
+        paths = sorted(versions.glob("*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self._version(package, f"sha256:{p.stem}", tags) for p in paths]
+
+    def fetch(self, version: TemplateVersion) -> bytes:
+        content = Path(version.uri).read_bytes()
+        if template_version_of(content) != version.version:
+            raise TemplateError(f"template file {version.uri} does not match {version.version}")
+        return content

@@ -1,0 +1,243 @@
+"""Everything that differs between deployments, resolved once from the environment.
+
+This is the only module that reads ``os.environ``. Every other module asks the
+``Settings`` object, so the rules below (above all: a branch deployment can never name a
+prod dataset) live in one place and are unit-tested.
+
+Deployments:
+
+- ``local``: no ``DAGSTER_CLOUD_DEPLOYMENT_NAME``. DuckDB, kfp.local and folders under
+  the project's data folder; works offline.
+- ``branch``: ``DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT=1``. BigQuery datasets, GCS prefixes
+  and Vertex labels carry the pull request id.
+- ``prod``: ``DAGSTER_CLOUD_DEPLOYMENT_NAME`` equals the prod deployment's name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from enum import StrEnum
+from functools import cache
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DBT_PROJECT_DIR = PROJECT_DIR / "dbt_project"
+
+# The logical datasets (DuckDB schemas locally, BigQuery datasets on Google Cloud).
+DATASETS = ("raw", "staging", "features", "predictions", "reporting")
+DATASET_PREFIX = "flights_"
+
+# Vertex AI label rules: keys and values at most 63 characters of lowercase letters,
+# digits, '_' and '-'; keys start with a letter.
+_LABEL_MAX = 63
+
+
+class SettingsError(ValueError):
+    """The environment describes a deployment that cannot be run safely."""
+
+
+class Deployment(StrEnum):
+    LOCAL = "local"
+    BRANCH = "branch"
+    PROD = "prod"
+
+
+def sanitize_label_value(value: str) -> str:
+    """Map any string onto Vertex AI's label value rules (lowercase, [a-z0-9_-], ≤63)."""
+    cleaned = re.sub(r"[^a-z0-9_-]+", "-", value.lower()).strip("-")
+    return cleaned[:_LABEL_MAX]
+
+
+def sanitize_label_key(value: str) -> str:
+    """Label keys follow the value rules and must also start with a letter."""
+    cleaned = sanitize_label_value(value).replace("-", "_")
+    if not cleaned or not cleaned[0].isalpha():
+        cleaned = f"k_{cleaned}"
+    return cleaned[:_LABEL_MAX]
+
+
+@dataclass(frozen=True)
+class Settings:
+    deployment: Deployment
+    # Local backends.
+    data_dir: Path = PROJECT_DIR / "data"
+    # Dagster+ facts.
+    deployment_name: str = "local"
+    pull_request_id: str | None = None
+    git_sha: str | None = None
+    # Google Cloud (branch and prod).
+    gcp_project: str | None = None
+    gcp_region: str = "us-central1"
+    gcs_bucket: str | None = None
+    artifact_registry_repository: str | None = None
+    vertex_service_account: str | None = None
+    vertex_network: str | None = None
+    # Which published pipeline template (tag) runs use, and the image its components run in.
+    template_tag: str = "latest"
+    component_image: str = "ml-platform:local"
+    # The Dagster instance the main command records its runs in (and `dagster dev` shows).
+    dagster_home: Path = PROJECT_DIR / "dagster_home"
+    # Model and scoring defaults (the same in every deployment).
+    training_cutoff: date = date(2013, 10, 1)
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.deployment is Deployment.BRANCH and not self.pull_request_id:
+            raise SettingsError(
+                "branch deployment without a pull request id: set "
+                "DAGSTER_CLOUD_PULL_REQUEST_ID (Dagster+ sets it for every branch deployment)"
+            )
+        if self.pull_request_id is not None and not re.fullmatch(r"[0-9]+", self.pull_request_id):
+            raise SettingsError(
+                f"DAGSTER_CLOUD_PULL_REQUEST_ID must be a number, got {self.pull_request_id!r}"
+            )
+        if self.deployment is not Deployment.LOCAL:
+            missing = [
+                name
+                for name, value in (
+                    ("ML_PLATFORM_GCP_PROJECT", self.gcp_project),
+                    ("ML_PLATFORM_GCS_BUCKET", self.gcs_bucket),
+                )
+                if not value
+            ]
+            if missing:
+                raise SettingsError(
+                    f"the {self.deployment} deployment runs on Google Cloud and needs "
+                    + ", ".join(missing)
+                )
+
+    # -- names -------------------------------------------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        return self.deployment is Deployment.LOCAL
+
+    @property
+    def dataset_suffix(self) -> str:
+        return f"_pr_{self.pull_request_id}" if self.deployment is Deployment.BRANCH else ""
+
+    def dataset(self, logical: str) -> str:
+        """The physical dataset (schema) for a logical one; the single place names are made.
+
+        A branch deployment's names always carry its pull request suffix, and the result is
+        checked against the prod names, so no code path can hand a branch a prod dataset.
+        """
+        if logical not in DATASETS:
+            raise SettingsError(f"unknown dataset {logical!r}; known: {', '.join(DATASETS)}")
+        name = f"{DATASET_PREFIX}{logical}{self.dataset_suffix}"
+        if self.deployment is Deployment.BRANCH and name in PROD_DATASETS:
+            raise SettingsError(f"branch deployment resolved the prod dataset {name!r}")
+        return name
+
+    @property
+    def datasets(self) -> dict[str, str]:
+        return {logical: self.dataset(logical) for logical in DATASETS}
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.data_dir / "warehouse.duckdb"
+
+    @property
+    def pipeline_root(self) -> str:
+        """Where pipeline artifacts go: a local folder, or a GCS prefix per deployment."""
+        if self.is_local:
+            return str(self.data_dir / "pipeline_root")
+        return f"gs://{self.gcs_bucket}/pipeline_root/{self.storage_prefix}"
+
+    @property
+    def storage_prefix(self) -> str:
+        """A path segment that separates deployments (and pull requests) in shared storage."""
+        if self.deployment is Deployment.BRANCH:
+            return f"branch/pr-{self.pull_request_id}"
+        return str(self.deployment)
+
+    @property
+    def job_store_path(self) -> Path:
+        return self.data_dir / "pipeline_jobs.sqlite"
+
+    @property
+    def template_dir(self) -> Path:
+        return self.data_dir / "templates"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels for every pipeline job; the sensor filters on them and billing groups by them."""
+        labels = {"app": "ml-platform", "deployment": sanitize_label_value(str(self.deployment))}
+        if self.pull_request_id:
+            labels["pull_request"] = sanitize_label_value(self.pull_request_id)
+        for key, value in self.extra_labels.items():
+            labels[sanitize_label_key(key)] = sanitize_label_value(value)
+        return labels
+
+    def job_labels(self, *, asset: str, partition: str | None, run_id: str) -> dict[str, str]:
+        """Labels of one pipeline job: who started it, for which asset and partition."""
+        return {
+            **self.labels,
+            "asset": sanitize_label_value(asset),
+            "partition": sanitize_label_value(partition or "none"),
+            "dagster_run_id": sanitize_label_value(run_id),
+        }
+
+    @property
+    def dbt_target(self) -> str:
+        return str(self.deployment)
+
+    @property
+    def dbt_vars(self) -> dict[str, object]:
+        dbt_vars: dict[str, object] = {"datasets": self.datasets}
+        if self.is_local:
+            dbt_vars["duckdb_path"] = str(self.duckdb_path)
+        return dbt_vars
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        deployment_name = env.get("DAGSTER_CLOUD_DEPLOYMENT_NAME")
+        prod_name = env.get("ML_PLATFORM_PROD_DEPLOYMENT", "prod")
+        if env.get("DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT", "").lower() in ("1", "true"):
+            deployment = Deployment.BRANCH
+        elif not deployment_name:
+            deployment = Deployment.LOCAL
+        elif deployment_name == prod_name:
+            deployment = Deployment.PROD
+        else:
+            raise SettingsError(
+                f"Dagster+ deployment {deployment_name!r} is neither a branch deployment nor "
+                f"the prod deployment {prod_name!r} (set ML_PLATFORM_PROD_DEPLOYMENT)"
+            )
+        data_dir = env.get("ML_PLATFORM_DATA_DIR")
+        optional = {
+            "gcp_project": env.get("ML_PLATFORM_GCP_PROJECT"),
+            "gcp_region": env.get("ML_PLATFORM_GCP_REGION"),
+            "gcs_bucket": env.get("ML_PLATFORM_GCS_BUCKET"),
+            "artifact_registry_repository": env.get("ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY"),
+            "vertex_service_account": env.get("ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"),
+            "vertex_network": env.get("ML_PLATFORM_VERTEX_NETWORK"),
+            "template_tag": env.get("ML_PLATFORM_TEMPLATE_TAG"),
+            "component_image": env.get("ML_PLATFORM_COMPONENT_IMAGE"),
+            "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
+            "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
+        }
+        return cls(
+            deployment=deployment,
+            deployment_name=deployment_name or "local",
+            pull_request_id=env.get("DAGSTER_CLOUD_PULL_REQUEST_ID") or None,
+            data_dir=Path(data_dir).resolve() if data_dir else PROJECT_DIR / "data",
+            **{key: value for key, value in optional.items() if value},
+        )
+
+
+# The prod names, computed from the same rule, so the branch guard cannot drift from it.
+PROD_DATASETS = frozenset(f"{DATASET_PREFIX}{logical}" for logical in DATASETS)
+
+
+@cache
+def get_settings() -> Settings:
+    """The settings of this process, resolved once."""
+    return Settings.from_env()
