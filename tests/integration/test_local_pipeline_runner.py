@@ -1,0 +1,171 @@
+"""The local pipeline backend, for real: kfp.local jobs in worker processes, a SQLite store."""
+# No `from __future__ import annotations`: kfp reads the component annotations as types.
+
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from kfp import compiler, dsl
+
+from ml_platform.resources.local_pipelines import LocalPipelineRunner, _worker_alive
+from ml_platform.resources.pipeline_runner import (
+    JobRequest,
+    JobState,
+    PipelineJobError,
+    PollPolicy,
+    make_job_id,
+)
+from ml_platform.resources.template_registry import LocalTemplateRegistry, TemplateError
+
+FAST = PollPolicy(initial_interval=0.1, max_interval=0.5, deadline=120)
+
+
+@dsl.component(base_image="python:3.11-slim", install_kfp_package=False)
+def nap(seconds: float, fail: bool) -> str:
+    import time
+
+    time.sleep(seconds)
+    if fail:
+        raise ValueError(f"the nap of {seconds} s went wrong")
+    return f"slept {seconds}"
+
+
+@dsl.pipeline(name="nap-pipeline")
+def nap_pipeline(seconds: float = 0.0, fail: bool = False) -> str:
+    return nap(seconds=seconds, fail=fail).output
+
+
+@pytest.fixture
+def backend(tmp_path: Path):
+    registry = LocalTemplateRegistry(tmp_path / "templates")
+    compiled = tmp_path / "nap.yaml"
+    compiler.Compiler().compile(nap_pipeline, str(compiled))
+    template = registry.upload("nap-pipeline", compiled, tags=["latest"])
+    runner = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry, poll=FAST)
+    return runner, registry, template
+
+
+def request(template, job_id="nap-1", **parameters) -> JobRequest:
+    return JobRequest(
+        job_id=job_id,
+        template=template,
+        parameters={"seconds": 0.0, "fail": False, **parameters},
+        labels={"deployment": "local", "asset": "nap"},
+    )
+
+
+def test_a_job_runs_and_is_recorded(backend, tmp_path):
+    runner, _, template = backend
+    job = runner.run(request(template))
+    assert job.state is JobState.SUCCEEDED
+    assert job.outputs == {"Output": "slept 0.0"}
+    assert job.template_version == template.version
+    assert job.create_time <= job.start_time <= job.end_time
+    # The record outlives the process that made it.
+    later = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", backend[1])
+    assert later.get("nap-1") == job
+    assert [j.job_id for j in later.list_jobs(labels={"asset": "nap"})] == ["nap-1"]
+    # The worker ran the exact version it was given.
+    assert (tmp_path / "root" / "nap-1" / "pipeline.yaml").read_bytes() == Path(
+        template.uri
+    ).read_bytes()
+
+
+def test_a_failing_component_fails_the_job_with_its_own_message(backend):
+    runner, _, template = backend
+    with pytest.raises(PipelineJobError) as failure:
+        runner.run(request(template, fail=True))
+    message = str(failure.value)
+    assert "FAILED" in message
+    assert "ValueError: the nap of 0.0 s went wrong" in message
+    assert "job.log" in message  # the link to the log
+    assert failure.value.job.state is JobState.FAILED
+
+
+def test_a_retry_after_a_crash_reattaches_instead_of_submitting_again(backend, tmp_path):
+    runner, registry, template = backend
+    submitted = runner.submit(request(template, seconds=1.0))
+    assert submitted.state is JobState.QUEUED
+    # The submitting process dies; its retry builds a new runner and runs the same request.
+    retry = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry, poll=FAST)
+    job = retry.run(request(template, seconds=1.0))
+    assert job.job_id == "nap-1"
+    assert job.state is JobState.SUCCEEDED
+    assert [j.job_id for j in retry.list_jobs()] == ["nap-1"]
+
+
+def test_a_succeeded_job_is_taken_as_done(backend):
+    runner, _, template = backend
+    first = runner.run(request(template))
+    again = runner.run(request(template))
+    assert again == first
+    assert len(list(runner.list_jobs())) == 1
+
+
+def test_a_failed_job_is_retried_under_a_new_id(backend):
+    runner, _, template = backend
+    with pytest.raises(PipelineJobError):
+        runner.run(request(template, fail=True))
+    # Same attempt id, but the parameters were fixed (say, the data was repaired).
+    job = runner.run(request(template, fail=False))
+    assert job.job_id == "nap-1-retry1"
+    states = {j.job_id: j.state for j in runner.list_jobs()}
+    assert states == {"nap-1": JobState.FAILED, "nap-1-retry1": JobState.SUCCEEDED}
+
+
+def test_an_interrupted_wait_cancels_the_job(backend):
+    runner, _, template = backend
+
+    def interrupted(_: float) -> None:
+        time.sleep(1.0)  # let the worker start its component
+        raise KeyboardInterrupt  # what the Dagster step sees when its run is terminated
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(request(template, seconds=60.0), sleep=interrupted)
+    job = runner.get("nap-1")
+    assert job.state is JobState.CANCELLED
+    assert job.end_time is not None
+    pid = runner.store.row("nap-1")["pid"]
+    assert not _worker_alive(pid, "nap-1")
+
+
+def test_the_deadline_fails_and_cancels_the_job(backend, tmp_path):
+    _, registry, template = backend
+    impatient = LocalPipelineRunner(
+        tmp_path / "jobs.sqlite",
+        tmp_path / "root",
+        registry,
+        poll=PollPolicy(initial_interval=0.2, max_interval=0.2, deadline=1.0),
+    )
+    with pytest.raises(PipelineJobError, match="gave up waiting"):
+        impatient.run(request(template, seconds=60.0))
+    assert impatient.get("nap-1").state is JobState.CANCELLED
+
+
+def test_a_worker_that_dies_marks_its_job_failed(backend):
+    runner, _, template = backend
+    runner.submit(request(template, seconds=60.0))
+    deadline = time.monotonic() + 30
+    while runner.get("nap-1").state is not JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(runner.store.row("nap-1")["pid"], 9)
+    with pytest.raises(PipelineJobError, match="exited without recording a result"):
+        runner.wait(runner.get("nap-1"))
+
+
+def test_an_unknown_tag_names_the_package_and_tag(backend):
+    _, registry, _ = backend
+    with pytest.raises(TemplateError, match="'nap-pipeline' has no tag 'v9'.*tags: latest"):
+        registry.resolve("nap-pipeline", "v9")
+
+
+def test_job_ids_are_deterministic_and_valid():
+    run_id = "8F2C1B7A-0D4E-4C55-9A3B-1E2F3A4B5C6D"
+    job_id = make_job_id("flight_delay_predictions", "2013-10-01", run_id)
+    assert job_id == make_job_id("flight_delay_predictions", "2013-10-01", run_id)
+    assert job_id == "flight-delay-predictions-2013-10-01-8f2c1b7a-0d4e-4c55-9a3b-1e2f3a4b5c6d"
+    assert make_job_id("7up", "x") == "job-7up-x"
+    long = make_job_id("a" * 200, run_id)
+    assert len(long) <= 120 and long.endswith("1e2f3a4b5c6d")
