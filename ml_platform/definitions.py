@@ -12,7 +12,7 @@ from ml_platform.assets.dbt import build_dbt_assets
 from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
 from ml_platform.assets.predictions import DAILY_2013, build_predictions_asset
-from ml_platform.resources import build_resources
+from ml_platform.resources.backends import build_resources
 from ml_platform.settings import Settings, get_settings
 
 

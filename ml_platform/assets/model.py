@@ -34,7 +34,7 @@ def _plot_markdown(uri: str) -> dg.MetadataValue | None:
 def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
     @dg.asset(
         key=MODEL_KEY,
-        deps=[dg.AssetKey("training_data")],
+        deps=[dg.AssetKey(["features", "training_data"])],
         group_name="ml",
         kinds={"kubeflow", "scikitlearn"},
         check_specs=[

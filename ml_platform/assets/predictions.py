@@ -40,7 +40,7 @@ def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=PREDICTIONS_KEY,
-        deps=[MODEL_KEY, dg.AssetKey("flight_features")],
+        deps=[MODEL_KEY, dg.AssetKey(["features", "flight_features"])],
         partitions_def=DAILY_2013,
         group_name="ml",
         kinds={"kubeflow", "duckdb" if settings.is_local else "bigquery"},

@@ -1,34 +1,5 @@
-"""One interface per outside system, each with a local and a Google Cloud implementation.
+"""Outside systems, one interface each, with a local and a Google Cloud implementation.
 
-``build_resources`` is the only place that picks implementations, from the settings.
+Kept empty on purpose: pipeline components and the local worker import these modules in
+processes of their own, which should not pay for importing Dagster.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from dagster_dbt import DbtCliResource
-
-from ml_platform.resources.local_pipelines import LocalPipelineRunner
-from ml_platform.resources.template_registry import LocalTemplateRegistry
-from ml_platform.resources.warehouse import DuckDBWarehouse
-from ml_platform.settings import DBT_PROJECT_DIR, Settings, SettingsError
-
-
-def build_resources(settings: Settings) -> dict[str, Any]:
-    """The resources of one deployment: warehouse, pipeline runner, templates and dbt."""
-    dbt = DbtCliResource(project_dir=str(DBT_PROJECT_DIR), target=settings.dbt_target)
-    if settings.is_local:
-        templates = LocalTemplateRegistry(settings.template_dir)
-        return {
-            "warehouse": DuckDBWarehouse(settings.duckdb_path),
-            "templates": templates,
-            "pipeline_runner": LocalPipelineRunner(
-                settings.job_store_path, settings.pipeline_root, templates
-            ),
-            "dbt": dbt,
-        }
-    raise SettingsError(
-        f"the {settings.deployment} deployment needs the Google Cloud backends, "
-        "which this build does not include yet"
-    )

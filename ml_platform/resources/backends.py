@@ -1,0 +1,31 @@
+"""Picks the implementation of every interface for a deployment, from its settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagster_dbt import DbtCliResource
+
+from ml_platform.resources.local_pipelines import LocalPipelineRunner
+from ml_platform.resources.template_registry import LocalTemplateRegistry
+from ml_platform.resources.warehouse import DuckDBWarehouse
+from ml_platform.settings import DBT_PROJECT_DIR, Settings, SettingsError
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """The resources of one deployment: warehouse, pipeline runner, templates and dbt."""
+    dbt = DbtCliResource(project_dir=str(DBT_PROJECT_DIR), target=settings.dbt_target)
+    if settings.is_local:
+        templates = LocalTemplateRegistry(settings.template_dir)
+        return {
+            "warehouse": DuckDBWarehouse(settings.duckdb_path),
+            "templates": templates,
+            "pipeline_runner": LocalPipelineRunner(
+                settings.job_store_path, settings.pipeline_root, templates
+            ),
+            "dbt": dbt,
+        }
+    raise SettingsError(
+        f"the {settings.deployment} deployment needs the Google Cloud backends, "
+        "which this build does not include yet"
+    )

@@ -1,0 +1,187 @@
+"""The model steps and the Kubeflow components, called as plain Python functions."""
+
+# No `from __future__ import annotations`: the kfp components read annotations as types.
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+from ml_platform.pipelines import components
+from ml_platform.pipelines import model as flight_model
+from ml_platform.resources.warehouse import DuckDBWarehouse
+
+
+def flights(rows: int = 6000, seed: int = 7) -> pd.DataFrame:
+    """Flights whose delays depend on the hour, rain and carrier, as real ones do."""
+    rng = np.random.default_rng(seed)
+    days = pd.to_datetime("2013-08-01") + pd.to_timedelta(rng.integers(0, 92, rows), unit="D")
+    hour = rng.integers(5, 23, rows)
+    precip = rng.exponential(0.02, rows) * (rng.random(rows) < 0.2)
+    carrier = rng.choice(["UA", "B6", "EV", "DL"], rows)
+    logit = -2.5 + 0.12 * (hour - 5) + 25 * precip + (carrier == "EV") * 0.6
+    delayed = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    frame = pd.DataFrame(
+        {
+            "flight_key": [f"k{i}" for i in range(rows)],
+            "flight_date": days.date,
+            "carrier": carrier,
+            "origin": rng.choice(["EWR", "JFK", "LGA"], rows),
+            "dest": rng.choice(["ATL", "ORD", "LAX", "BOS"], rows),
+            "sched_dep_hour": hour,
+            "month": days.month,
+            "day_of_week": days.day_of_week + 1,
+            "distance": rng.integers(200, 2500, rows),
+            "temp": rng.normal(70, 10, rows),
+            "dewp": rng.normal(55, 10, rows),
+            "humid": rng.uniform(30, 100, rows),
+            "wind_speed": rng.uniform(0, 25, rows),
+            "wind_gust": np.where(rng.random(rows) < 0.8, np.nan, rng.uniform(20, 40, rows)),
+            "precip": precip,
+            "pressure": rng.normal(1015, 5, rows),
+            "visib": rng.uniform(2, 10, rows),
+            "plane_year": np.where(rng.random(rows) < 0.1, np.nan, rng.integers(1990, 2013, rows)),
+            "plane_seats": rng.integers(50, 300, rows),
+            "is_delayed": delayed,
+            "split": np.where(rng.random(rows) < 0.2, "test", "train"),
+        }
+    )
+    return frame
+
+
+def test_split_keeps_flights_before_the_cutoff_on_their_side():
+    frame = flights()
+    train, test = flight_model.split_training_data(frame, date(2013, 10, 1))
+    assert len(train) + len(test) == (pd.to_datetime(frame.flight_date) < "2013-10-01").sum()
+    assert set(train.split) == {"train"} and set(test.split) == {"test"}
+    assert pd.to_datetime(pd.concat([train, test]).flight_date).max() < pd.Timestamp("2013-10-01")
+
+
+def test_split_names_what_is_wrong():
+    with pytest.raises(flight_model.DataError, match=r"features.training_data lacks columns \['temp'\]"):
+        flight_model.split_training_data(
+            flights().drop(columns="temp"), date(2013, 10, 1), "features.training_data"
+        )
+    unlabelled = flights().astype({"is_delayed": "boolean"})
+    unlabelled.loc[(unlabelled.flight_date < date(2013, 9, 1)).idxmax(), "is_delayed"] = None
+    with pytest.raises(flight_model.DataError, match="cancelled flights must be excluded"):
+        flight_model.split_training_data(unlabelled, date(2013, 10, 1))
+    with pytest.raises(flight_model.DataError, match="no usable train rows"):
+        flight_model.split_training_data(flights(), date(2013, 8, 1))
+
+
+def test_the_model_learns_more_than_the_baseline_and_round_trips(tmp_path: Path):
+    train, test = flight_model.split_training_data(flights(), date(2013, 11, 1))
+    model = flight_model.train_model(train)
+    evaluation, curves = flight_model.evaluate(model, train, test)
+    # Rain matters here and the carrier x hour baseline cannot see it.
+    assert evaluation.roc_auc > evaluation.baseline_roc_auc > 0.55
+    assert 0 < evaluation.brier_score < evaluation.baseline_brier_score + 0.01
+    assert evaluation.test_rows == len(test)
+    version = flight_model.save_model(model, tmp_path / "model")
+    loaded, loaded_version = flight_model.load_model(tmp_path / "model")
+    assert loaded_version == version and version.startswith("sha256:")
+    np.testing.assert_allclose(
+        flight_model.predict_proba(loaded, test), flight_model.predict_proba(model, test)
+    )
+    flight_model.plot_evaluation(evaluation, curves, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_categories_score_instead_of_failing():
+    train, _ = flight_model.split_training_data(flights(), date(2013, 11, 1))
+    model = flight_model.train_model(train)
+    new = train.head(5).assign(carrier="ZZ", dest="XXX")
+    probabilities = flight_model.predict_proba(model, new)
+    assert ((probabilities > 0) & (probabilities < 1)).all()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"", "wrong header"), (b"PK\x03\x04zip", "wrong header"), (None, "cannot read")],
+)
+def test_an_unreadable_model_artifact_is_named(tmp_path: Path, content, problem):
+    path = tmp_path / "model"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(flight_model.ModelArtifactError, match=problem) as error:
+        flight_model.load_model(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_truncated_model_artifact_is_named(tmp_path: Path):
+    train, _ = flight_model.split_training_data(flights(600), date(2013, 11, 1))
+    flight_model.save_model(flight_model.train_model(train), tmp_path / "model")
+    payload = (tmp_path / "model").read_bytes()
+    (tmp_path / "model").write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(flight_model.ModelArtifactError, match="is corrupt"):
+        flight_model.load_model(tmp_path / "model")
+
+
+def test_score_flights_keeps_only_the_day():
+    frame = flights()
+    train, _ = flight_model.split_training_data(frame, date(2013, 11, 1))
+    model = flight_model.train_model(train)
+    day = date(2013, 9, 15)
+    table = flight_model.score_flights(model, "sha256:abc", frame, day, "job-1")
+    assert table.schema == flight_model.predictions_schema()
+    assert table.num_rows == (frame.flight_date == day).sum() > 0
+    assert set(table.column("flight_date").to_pylist()) == {day}
+    assert set(table.column("pipeline_job").to_pylist()) == {"job-1"}
+    empty = flight_model.score_flights(model, "sha256:abc", frame, date(2013, 12, 31), "job-1")
+    assert empty.num_rows == 0 and empty.schema == flight_model.predictions_schema()
+
+
+def artifact(kind, path: Path):
+    return kind(name=path.name, uri=str(path), metadata={})
+
+
+def test_the_components_as_plain_functions(tmp_path: Path):
+    """load -> train -> evaluate -> score, through the component functions and a real DuckDB."""
+    warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
+    frame = flights()
+    import pyarrow as pa
+
+    warehouse.replace_table("features", "training_data", pa.Table.from_pandas(frame))
+    warehouse.replace_table("features", "flight_features", pa.Table.from_pandas(frame))
+    train, test = artifact(Dataset, tmp_path / "train"), artifact(Dataset, tmp_path / "test")
+    components.load_training_data.python_func(
+        warehouse_uri=warehouse.uri,
+        dataset="features",
+        table="training_data",
+        cutoff_date="2013-10-01",
+        train=train,
+        test=test,
+    )
+    assert train.metadata["rows"] + test.metadata["rows"] == (
+        pd.to_datetime(frame.flight_date) < "2013-10-01"
+    ).sum()
+    model = artifact(Model, tmp_path / "model")
+    components.train_model.python_func(train=train, model=model)
+    assert model.metadata["version"].startswith("sha256:")
+    metrics, plot = artifact(Metrics, tmp_path / "metrics"), artifact(Artifact, tmp_path / "plot")
+    auc, baseline = components.evaluate_model.python_func(
+        model=model, train=train, test=test, metrics=metrics, evaluation_plot=plot
+    )
+    assert metrics.metadata["roc_auc"] == auc and metrics.metadata["baseline_roc_auc"] == baseline
+    scoring = dict(
+        model=model,
+        warehouse_uri=warehouse.uri,
+        features_dataset="features",
+        features_table="flight_features",
+        predictions_dataset="predictions",
+        predictions_table="flight_delay_predictions",
+        flight_date="2013-10-02",
+        pipeline_job="job-1",
+    )
+    rows, mean, version = components.score_flights.python_func(**scoring)
+    expected = (frame.flight_date == date(2013, 10, 2)).sum()
+    assert rows == expected and 0 < mean < 1 and version == model.metadata["version"]
+    # Scoring the day again replaces its rows.
+    components.score_flights.python_func(**scoring)
+    count = warehouse.row_count(
+        "predictions", "flight_delay_predictions", column="flight_date", value=date(2013, 10, 2)
+    )
+    assert count == expected
