@@ -19,9 +19,9 @@ def flights(rows: int = 6000, seed: int = 7) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     days = pd.to_datetime("2013-08-01") + pd.to_timedelta(rng.integers(0, 92, rows), unit="D")
     hour = rng.integers(5, 23, rows)
-    precip = rng.exponential(0.02, rows) * (rng.random(rows) < 0.2)
+    precip = rng.exponential(0.05, rows) * (rng.random(rows) < 0.25)
     carrier = rng.choice(["UA", "B6", "EV", "DL"], rows)
-    logit = -2.5 + 0.12 * (hour - 5) + 25 * precip + (carrier == "EV") * 0.6
+    logit = -2.5 + 0.12 * (hour - 5) + 2.0 * (precip > 0.02) + (carrier == "EV") * 0.6
     delayed = rng.random(rows) < 1 / (1 + np.exp(-logit))
     frame = pd.DataFrame(
         {
