@@ -1,12 +1,13 @@
 """``ml-platform``: the project's command line.
 
-    ml-platform materialize [--days N]   the whole asset graph, in the Dagster instance
-                                         that `dagster dev` shows, then a summary
+ml-platform materialize [--days N]   the whole asset graph, in the Dagster instance
+                                     that `dagster dev` shows, then a summary
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from datetime import date, timedelta
 
@@ -25,7 +26,6 @@ def _instance(settings: Settings):
 
 def materialize(settings: Settings, days: int) -> int:
     """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting."""
-    import dagster as dg
 
     from ml_platform.assets.model import MODEL_KEY
     from ml_platform.assets.predictions import PREDICTIONS_TABLE
@@ -39,16 +39,29 @@ def materialize(settings: Settings, days: int) -> int:
     instance = _instance(settings)
     window = [settings.training_cutoff + timedelta(days=i) for i in range(days)]
 
+    log_path = settings.data_dir / "materialize.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+
     def run(job_name: str, **kwargs) -> None:
-        result = defs.get_job_def(job_name).execute_in_process(
-            instance=instance, raise_on_error=False, **kwargs
-        )
+        # The full logs are in the Dagster instance (`make dev`) and dbt's output in the log
+        # file; the terminal gets progress and a summary.
+        with log_path.open("a") as log, contextlib.redirect_stdout(log):
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                **kwargs,
+            )
         if not result.success:
             failure = next(
                 (e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None
             )
             detail = failure.event_specific_data.error.message if failure else "see the run's logs"
-            raise SystemExit(f"{job_name} failed (run {result.run_id}): {detail.strip()}")
+            raise SystemExit(
+                f"{job_name} failed (run {result.run_id}): {detail.strip()}\n"
+                f"dbt output: {log_path}; the run's logs: make dev"
+            )
 
     print("1/3 ingest, dbt features, flight_delay_model", flush=True)
     run("train_flight_delay_model")
@@ -70,8 +83,12 @@ def materialize(settings: Settings, days: int) -> int:
     print("flight_delay_model")
     print(f"  test ROC AUC   {model['roc_auc'].value:.4f}")
     print(f"  baseline AUC   {model['baseline_roc_auc'].value:.4f}  (carrier x scheduled hour)")
-    print(f"  log loss       {model['log_loss'].value:.4f}  (baseline {model['baseline_log_loss'].value:.4f})")
-    print(f"  Brier score    {model['brier_score'].value:.4f}  (baseline {model['baseline_brier_score'].value:.4f})")
+    print(
+        f"  log loss       {model['log_loss'].value:.4f}  (baseline {model['baseline_log_loss'].value:.4f})"
+    )
+    print(
+        f"  Brier score    {model['brier_score'].value:.4f}  (baseline {model['baseline_brier_score'].value:.4f})"
+    )
     print(f"flight_delay_predictions: {predicted:,} flights over {len(window)} days")
     print("reporting tables:")
     for table in REPORTING_TABLES:

@@ -29,14 +29,16 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     predictions_job = dg.define_asset_job(
         "score_flights",
-        selection=dg.AssetSelection.assets(predictions),
+        # The predictions' data tests are dbt source tests, run by refresh_reporting.
+        selection=dg.AssetSelection.assets(predictions).without_checks(),
         partitions_def=DAILY_2013,
         description="Score one day of flights with the latest model.",
     )
     reporting_job = dg.define_asset_job(
         "refresh_reporting",
-        selection=dg.AssetSelection.assets(dbt_reporting),
-        description="Rebuild the dbt reporting models over the predictions.",
+        selection=dg.AssetSelection.assets(dbt_reporting)
+        | dg.AssetSelection.checks_for_assets(predictions),
+        description="Test the predictions and rebuild the dbt reporting models over them.",
     )
     return dg.Definitions(
         assets=[ingest, dbt_features, model, predictions, dbt_reporting],

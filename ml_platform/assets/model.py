@@ -1,7 +1,5 @@
 """``flight_delay_model``: the training pipeline, with a blocking check against the baseline."""
 
-from __future__ import annotations
-
 import base64
 from datetime import date
 from pathlib import Path
@@ -56,7 +54,11 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         """A gradient-boosted classifier of departure delay >= 15 min, trained by the Kubeflow
         training pipeline on flights before the cutoff and evaluated on the test split."""
-        cutoff = date.fromisoformat(config.cutoff_date) if config.cutoff_date else settings.training_cutoff
+        cutoff = (
+            date.fromisoformat(config.cutoff_date)
+            if config.cutoff_date
+            else settings.training_cutoff
+        )
         job = run_pipeline(
             context,
             settings,

@@ -1,8 +1,6 @@
 """How an asset runs a Kubeflow pipeline: template, job id, labels, metadata. Shared by
 the model and the predictions assets so both behave the same on every backend."""
 
-from __future__ import annotations
-
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path

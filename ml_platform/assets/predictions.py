@@ -1,7 +1,5 @@
 """``flight_delay_predictions``: daily batch scoring by the prediction pipeline."""
 
-from __future__ import annotations
-
 from datetime import date
 
 import dagster as dg
@@ -30,7 +28,10 @@ def current_model(instance: dg.DagsterInstance) -> dict[str, dg.MetadataValue]:
         raise dg.Failure(
             f"the latest flight_delay_model (run {event.run_id}) did not beat its baseline; "
             "refusing to score with it",
-            metadata={"roc_auc": metadata.get("roc_auc"), "baseline": metadata.get("baseline_roc_auc")},
+            metadata={
+                "roc_auc": metadata.get("roc_auc"),
+                "baseline": metadata.get("baseline_roc_auc"),
+            },
         )
     return metadata
 

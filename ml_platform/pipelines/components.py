@@ -33,7 +33,9 @@ def load_training_data(
     from ml_platform.resources.warehouse import open_warehouse
 
     cutoff = date.fromisoformat(cutoff_date)
-    rows = open_warehouse(warehouse_uri).read_table(dataset, table, date_column=model.DATE, end=cutoff)
+    rows = open_warehouse(warehouse_uri).read_table(
+        dataset, table, date_column=model.DATE, end=cutoff
+    )
     train_rows, test_rows = model.split_training_data(rows, cutoff, where=f"{dataset}.{table}")
     for artifact, frame in ((train, train_rows), (test, test_rows)):
         frame.to_parquet(artifact.path, index=False)

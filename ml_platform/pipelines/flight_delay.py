@@ -13,6 +13,7 @@ from ml_platform.pipelines.components import (
     train_model,
 )
 
+
 @dsl.pipeline(
     name=TRAINING_PIPELINE,
     description="Train a gradient-boosted flight delay classifier and evaluate it on the test "

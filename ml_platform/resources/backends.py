@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from dagster_dbt import DbtCliResource
@@ -14,7 +16,12 @@ from ml_platform.settings import DBT_PROJECT_DIR, Settings, SettingsError
 
 def build_resources(settings: Settings) -> dict[str, Any]:
     """The resources of one deployment: warehouse, pipeline runner, templates and dbt."""
-    dbt = DbtCliResource(project_dir=str(DBT_PROJECT_DIR), target=settings.dbt_target)
+    dbt = DbtCliResource(
+        project_dir=str(DBT_PROJECT_DIR),
+        target=settings.dbt_target,
+        # The dbt installed beside this Python, whether or not its folder is on PATH.
+        dbt_executable=str(Path(sys.executable).parent / "dbt"),
+    )
     if settings.is_local:
         templates = LocalTemplateRegistry(settings.template_dir)
         return {

@@ -113,7 +113,10 @@ class JobStore:
             where += f" AND state IN ({', '.join(f':s{i}' for i in range(len(states)))})"
             params.update({f"s{i}": s for i, s in enumerate(states)})
         with self._connect() as db:
-            return db.execute(f"UPDATE pipeline_jobs SET {assignments} WHERE {where}", params).rowcount == 1
+            return (
+                db.execute(f"UPDATE pipeline_jobs SET {assignments} WHERE {where}", params).rowcount
+                == 1
+            )
 
     def row(self, job_id: str) -> sqlite3.Row | None:
         with self._connect() as db:
@@ -144,7 +147,9 @@ class JobStore:
         while True:
             page_where, page_params = where, list(params)
             if after is not None:
-                page_where += (" AND " if page_where else "WHERE ") + "(coalesce(end_time, 0), job_id) > (?, ?)"
+                page_where += (
+                    " AND " if page_where else "WHERE "
+                ) + "(coalesce(end_time, 0), job_id) > (?, ?)"
                 page_params.extend(after)
             with self._connect() as db:
                 rows = db.execute(

@@ -142,7 +142,9 @@ class DuckDBWarehouse(Warehouse):
         with self._transaction() as connection:
             connection.execute(f"CREATE SCHEMA IF NOT EXISTS {dataset}")
             connection.register("incoming", data)
-            connection.execute(f"CREATE OR REPLACE TABLE {dataset}.{table} AS SELECT * FROM incoming")
+            connection.execute(
+                f"CREATE OR REPLACE TABLE {dataset}.{table} AS SELECT * FROM incoming"
+            )
             connection.unregister("incoming")
         return data.num_rows
 

@@ -1,7 +1,6 @@
 """The local pipeline backend, for real: kfp.local jobs in worker processes, a SQLite store."""
 # No `from __future__ import annotations`: kfp reads the component annotations as types.
 
-
 import os
 import time
 from pathlib import Path

@@ -60,7 +60,9 @@ def test_split_keeps_flights_before_the_cutoff_on_their_side():
 
 
 def test_split_names_what_is_wrong():
-    with pytest.raises(flight_model.DataError, match=r"features.training_data lacks columns \['temp'\]"):
+    with pytest.raises(
+        flight_model.DataError, match=r"features.training_data lacks columns \['temp'\]"
+    ):
         flight_model.split_training_data(
             flights().drop(columns="temp"), date(2013, 10, 1), "features.training_data"
         )
@@ -155,9 +157,10 @@ def test_the_components_as_plain_functions(tmp_path: Path):
         train=train,
         test=test,
     )
-    assert train.metadata["rows"] + test.metadata["rows"] == (
-        pd.to_datetime(frame.flight_date) < "2013-10-01"
-    ).sum()
+    assert (
+        train.metadata["rows"] + test.metadata["rows"]
+        == (pd.to_datetime(frame.flight_date) < "2013-10-01").sum()
+    )
     model = artifact(Model, tmp_path / "model")
     components.train_model.python_func(train=train, model=model)
     assert model.metadata["version"].startswith("sha256:")
