@@ -80,15 +80,14 @@ def materialize(settings: Settings, days: int) -> int:
     )
     reporting = settings.dataset("reporting")
     print()
-    print("flight_delay_model")
-    print(f"  test ROC AUC   {model['roc_auc'].value:.4f}")
-    print(f"  baseline AUC   {model['baseline_roc_auc'].value:.4f}  (carrier x scheduled hour)")
-    print(
-        f"  log loss       {model['log_loss'].value:.4f}  (baseline {model['baseline_log_loss'].value:.4f})"
-    )
-    print(
-        f"  Brier score    {model['brier_score'].value:.4f}  (baseline {model['baseline_brier_score'].value:.4f})"
-    )
+    rows = [
+        ("test ROC AUC", "roc_auc", "baseline_roc_auc"),
+        ("log loss", "log_loss", "baseline_log_loss"),
+        ("Brier score", "brier_score", "baseline_brier_score"),
+    ]
+    print("flight_delay_model (test split; baseline: delay rate by carrier x scheduled hour)")
+    for label, name, baseline in rows:
+        print(f"  {label:<13}{model[name].value:.4f}   baseline {model[baseline].value:.4f}")
     print(f"flight_delay_predictions: {predicted:,} flights over {len(window)} days")
     print("reporting tables:")
     for table in REPORTING_TABLES:

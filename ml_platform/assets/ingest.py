@@ -106,12 +106,15 @@ def read_raw_table(
     connection = duckdb.connect()
     try:
         return connection.sql(
-            f"SELECT {select} FROM read_csv($path, header = true, nullstr = 'NA', columns = $types)"
+            f"SELECT {select} FROM read_csv($path, header = true, delim = ',', quote = '\"', "
+            "nullstr = 'NA', columns = $types)"
             f"{where}",
             params={"path": str(path), "types": read_types},
         ).to_arrow_table()
     except duckdb.Error as error:
-        raise RawDataError(f"raw table {table} ({path}) is malformed: {error}") from error
+        # DuckDB's first lines name the line, value and column; the rest is sniffer detail.
+        detail = "\n".join(str(error).splitlines()[:4])
+        raise RawDataError(f"raw table {table} ({path}) is malformed: {detail}") from error
     finally:
         connection.close()
 

@@ -57,10 +57,10 @@ def run_pipeline(
     template = template_for_run(settings, templates, pipeline)
     context.log.info(f"template {pipeline}:{settings.template_tag} is {template.version}")
     request = JobRequest(
-        job_id=make_job_id(asset, partition or "", context.run_id),
+        job_id=make_job_id(asset, partition or "", context.run.run_id),
         template=template,
         parameters=dict(parameters),
-        labels=settings.job_labels(asset=asset, partition=partition, run_id=context.run_id),
+        labels=settings.job_labels(asset=asset, partition=partition, run_id=context.run.run_id),
         display_name=f"{asset} {partition or ''}".strip(),
     )
     return runner.run(request, log=context.log)

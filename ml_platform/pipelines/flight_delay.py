@@ -14,6 +14,20 @@ from ml_platform.pipelines.components import (
 )
 
 
+class TrainingOutputs(NamedTuple):
+    model: Model
+    metrics: Metrics
+    evaluation_plot: Artifact
+    roc_auc: float
+    baseline_roc_auc: float
+
+
+class PredictionOutputs(NamedTuple):
+    rows: int
+    mean_probability: float
+    model_version: str
+
+
 @dsl.pipeline(
     name=TRAINING_PIPELINE,
     description="Train a gradient-boosted flight delay classifier and evaluate it on the test "
@@ -24,14 +38,7 @@ def training_pipeline(
     features_dataset: str,
     cutoff_date: str,
     training_table: str = "training_data",
-) -> NamedTuple(
-    "TrainingOutputs",
-    model=Model,
-    metrics=Metrics,
-    evaluation_plot=Artifact,
-    roc_auc=float,
-    baseline_roc_auc=float,
-):
+) -> TrainingOutputs:
     data = load_training_data(
         warehouse_uri=warehouse_uri,
         dataset=features_dataset,
@@ -47,15 +54,7 @@ def training_pipeline(
         train=data.outputs["train"],
         test=data.outputs["test"],
     )
-    outputs = NamedTuple(
-        "TrainingOutputs",
-        model=Model,
-        metrics=Metrics,
-        evaluation_plot=Artifact,
-        roc_auc=float,
-        baseline_roc_auc=float,
-    )
-    return outputs(
+    return TrainingOutputs(
         model=trained.outputs["model"],
         metrics=evaluated.outputs["metrics"],
         evaluation_plot=evaluated.outputs["evaluation_plot"],
@@ -77,7 +76,7 @@ def prediction_pipeline(
     model_uri: str,
     features_table: str = "flight_features",
     predictions_table: str = "flight_delay_predictions",
-) -> NamedTuple("PredictionOutputs", rows=int, mean_probability=float, model_version=str):
+) -> PredictionOutputs:
     model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
     scored = score_flights(
         model=model.output,
@@ -91,8 +90,7 @@ def prediction_pipeline(
     )
     # It writes to the warehouse: a cached result would skip the write.
     scored.set_caching_options(False)
-    outputs = NamedTuple("PredictionOutputs", rows=int, mean_probability=float, model_version=str)
-    return outputs(
+    return PredictionOutputs(
         rows=scored.outputs["rows"],
         mean_probability=scored.outputs["mean_probability"],
         model_version=scored.outputs["model_version"],

@@ -9,6 +9,7 @@ and records SUCCEEDED with the pipeline's outputs or FAILED with the failing tas
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -68,7 +69,11 @@ def main(argv: list[str]) -> int:
         print(f"no pipeline job {job_id} in {store_path}", file=sys.stderr)
         return 2
     started = store.update(
-        job_id, only_from=[JobState.QUEUED], state=str(JobState.RUNNING), start_time=time.time()
+        job_id,
+        only_from=[JobState.QUEUED],
+        state=str(JobState.RUNNING),
+        start_time=time.time(),
+        pid=os.getpid(),  # also known if the submitting process died before recording it
     )
     if not started:  # cancelled before it started
         return 0

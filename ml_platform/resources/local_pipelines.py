@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from ml_platform.resources.pipeline_runner import (
 from ml_platform.resources.template_registry import TemplateRegistry
 
 LOCAL_JOB_PREFIX = "projects/local/locations/local/pipelineJobs/"
+# Local jobs take seconds to minutes and polling is a SQLite read: poll often.
+LOCAL_POLL = PollPolicy(initial_interval=0.5, max_interval=5.0, deadline=6 * 3600)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipeline_jobs (
@@ -210,7 +212,7 @@ class LocalPipelineRunner(PipelineRunner):
         store_path: str | Path,
         pipeline_root: str | Path,
         registry: TemplateRegistry,
-        poll: PollPolicy = PollPolicy(initial_interval=0.5, max_interval=5.0, deadline=6 * 3600),
+        poll: PollPolicy = LOCAL_POLL,
     ) -> None:
         self.store = JobStore(store_path)
         self.pipeline_root = Path(pipeline_root)
@@ -270,18 +272,19 @@ class LocalPipelineRunner(PipelineRunner):
         child = self._children.get(job_id)
         if child is not None and child.poll() is not None:
             del self._children[job_id]  # reaped, so it cannot linger as a zombie
-        if JobState(row["state"]) not in TERMINAL_STATES and row["pid"] is not None:
-            if not _worker_alive(row["pid"], job_id):
-                # The worker died without recording an end (killed, out of memory).
-                self.store.update(
-                    job_id,
-                    only_from=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING],
-                    state=str(JobState.FAILED),
-                    end_time=_now(),
-                    error=f"the local worker (pid {row['pid']}) exited without recording a result; "
-                    f"see {row['log_path']}",
-                )
-                row = self.store.row(job_id)
+        running = JobState(row["state"]) not in TERMINAL_STATES
+        # No pid yet means the submit is still under way, not that the worker died.
+        if running and row["pid"] is not None and not _worker_alive(row["pid"], job_id):
+            # The worker died without recording an end (killed, out of memory).
+            self.store.update(
+                job_id,
+                only_from=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING],
+                state=str(JobState.FAILED),
+                end_time=_now(),
+                error=f"the local worker (pid {row['pid']}) exited without recording a result; "
+                f"see {row['log_path']}",
+            )
+            row = self.store.row(job_id)
         return to_pipeline_job(row)
 
     def cancel(self, job_id: str) -> None:
@@ -292,10 +295,8 @@ class LocalPipelineRunner(PipelineRunner):
         self.store.update(job_id, only_from=active, state=str(JobState.CANCELLING))
         pid = row["pid"]
         if pid is not None and _worker_alive(pid, job_id):
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             deadline = time.monotonic() + 15
             while _worker_alive(pid, job_id) and time.monotonic() < deadline:
                 child = self._children.get(job_id)

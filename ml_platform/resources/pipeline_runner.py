@@ -93,7 +93,7 @@ class JobRequest:
 
 @dataclass(frozen=True)
 class PollPolicy:
-    """How to wait: intervals grow by ``backoff`` up to ``max_interval``; give up at ``deadline``."""
+    """How to wait: intervals grow by ``backoff`` up to ``max_interval``; stop at ``deadline``."""
 
     initial_interval: float = 10.0
     max_interval: float = 90.0

@@ -45,7 +45,7 @@ class TemplateRegistry(ABC):
 
     @abstractmethod
     def resolve(self, package: str, tag: str) -> TemplateVersion:
-        """The version a tag points to now; ``TemplateError`` names the package and tag if unknown."""
+        """The version a tag points to now; an unknown tag is a ``TemplateError`` naming both."""
 
     @abstractmethod
     def list_versions(self, package: str) -> list[TemplateVersion]: ...

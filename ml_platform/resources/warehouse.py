@@ -221,7 +221,8 @@ class DuckDBWarehouse(Warehouse):
     @staticmethod
     def _exists(connection: duckdb.DuckDBPyConnection, dataset: str, table: str) -> bool:
         found = connection.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = ? AND table_name = ?",
             [dataset, table],
         ).fetchone()[0]
         return found > 0

@@ -156,7 +156,7 @@ def test_a_worker_that_dies_marks_its_job_failed(backend):
 
 def test_an_unknown_tag_names_the_package_and_tag(backend):
     _, registry, _ = backend
-    with pytest.raises(TemplateError, match="'nap-pipeline' has no tag 'v9'.*tags: latest"):
+    with pytest.raises(TemplateError, match=r"'nap-pipeline' has no tag 'v9'.*tags: latest"):
         registry.resolve("nap-pipeline", "v9")
 
 
