@@ -1,0 +1,9 @@
+"""Every benchmark, one after the other; each prints its own figures."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+here = Path(__file__).parent
+for script in ("p1_import_cost.py", "p2_materialize.py"):
+    subprocess.run([sys.executable, str(here / script)], check=True, cwd=here)
