@@ -44,6 +44,10 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[ingest, dbt_features, model, predictions, dbt_reporting],
         jobs=[training_job, predictions_job, reporting_job],
         resources=build_resources(settings),
+        # Locally, steps run one after another in the run's own process: the warehouse
+        # takes one writer at a time anyway, and each step process would pay the code
+        # location's import again.
+        executor=dg.in_process_executor if settings.is_local else dg.multiprocess_executor,
     )
 
 

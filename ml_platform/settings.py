@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -26,6 +27,8 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = PROJECT_DIR / "dbt_project"
+# The dbt installed beside this Python, whether or not its folder is on PATH.
+DBT_EXECUTABLE = Path(sys.executable).parent / "dbt"
 
 # The logical datasets (DuckDB schemas locally, BigQuery datasets on Google Cloud).
 DATASETS = ("raw", "staging", "features", "predictions", "reporting")

@@ -1,8 +1,11 @@
 """The dbt project as Dagster assets: staging + features before the model, reporting after
 the predictions. dbt tests become asset checks; dbt sources map to the Python assets."""
 
+import fcntl
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -14,13 +17,48 @@ from dagster_dbt import (
     dbt_assets,
 )
 
-from ml_platform.settings import DBT_PROJECT_DIR, Settings
+from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
+
+
+def prepare_when_stale(project: DbtProject) -> None:
+    """Parse the dbt project only when a file in it is newer than the manifest.
+
+    dagster-dbt's `prepare_if_dev` re-parses on every load under `dagster dev`, and every
+    run and step process loads the code location: about 8 s each time. Here a load parses
+    only after an edit (or when there is no manifest yet), under a lock so that two
+    processes never write the manifest at once. The image build prepares the manifest
+    ahead, so a deployed code location never parses.
+    """
+    if not _manifest_is_stale(project):
+        return
+    target = project.project_dir / project.target_path
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / ".prepare.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _manifest_is_stale(project):
+            DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE)).cli(
+                ["parse", "--quiet"], target_path=project.target_path
+            ).wait()
+
+
+def _manifest_is_stale(project: DbtProject) -> bool:
+    if not project.manifest_path.exists():
+        return True
+    built = project.manifest_path.stat().st_mtime
+    skip = {project.project_dir / project.target_path, project.project_dir / "logs"}
+    for folder, subfolders, files in os.walk(project.project_dir):
+        subfolders[:] = [name for name in subfolders if Path(folder, name) not in skip]
+        # Dotfiles (dbt's .user.yml, editor files) are not part of the project.
+        sources = (name for name in files if not name.startswith("."))
+        if any(Path(folder, name).stat().st_mtime > built for name in sources):
+            return True
+    return False
+
 
 # Parsed for the local target: the manifest only names models and their dependencies,
-# which are the same for every target. `dagster dev` re-parses on load; elsewhere the
-# manifest is prepared ahead (`make prepare`, the image build).
+# which are the same for every target.
 DBT_PROJECT = DbtProject(project_dir=DBT_PROJECT_DIR, target="local")
-DBT_PROJECT.prepare_if_dev()
+prepare_when_stale(DBT_PROJECT)
 
 REPORTING_SELECTION = "tag:reporting"
 # The predictions table is written by a pipeline, after the features: its source tests run

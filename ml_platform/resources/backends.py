@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from dagster_dbt import DbtCliResource
@@ -11,7 +9,7 @@ from dagster_dbt import DbtCliResource
 from ml_platform.resources.local_pipelines import LocalPipelineRunner
 from ml_platform.resources.template_registry import LocalTemplateRegistry
 from ml_platform.resources.warehouse import DuckDBWarehouse
-from ml_platform.settings import DBT_PROJECT_DIR, Settings, SettingsError
+from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings, SettingsError
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
@@ -19,8 +17,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     dbt = DbtCliResource(
         project_dir=str(DBT_PROJECT_DIR),
         target=settings.dbt_target,
-        # The dbt installed beside this Python, whether or not its folder is on PATH.
-        dbt_executable=str(Path(sys.executable).parent / "dbt"),
+        dbt_executable=str(DBT_EXECUTABLE),
     )
     if settings.is_local:
         templates = LocalTemplateRegistry(settings.template_dir)
