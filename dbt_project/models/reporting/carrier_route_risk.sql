@@ -1,37 +1,7 @@
 -- Per carrier and route (origin -> dest) over all scored flights: the mean predicted delay
 -- probability, the actual delay rate over the flights that departed, and each route's
 -- rank within its carrier by predicted risk (1 = riskiest).
-with predictions as (
-    select * from {{ source('predictions', 'flight_delay_predictions') }}
-),
-
-features as (
-    select flight_key, carrier, origin, dest, is_cancelled, is_delayed
-    from {{ ref('flight_features') }}
-),
-
-airlines as (
-    select carrier, airline_name from {{ ref('stg_airlines') }}
-),
-
-scored as (
-    select
-        features.carrier,
-        features.origin,
-        features.dest,
-        predictions.delay_probability,
-        case when features.is_cancelled = true then 1 else 0 end as is_cancelled,
-        case
-            when features.is_delayed is null then null
-            when features.is_delayed = true then 1
-            else 0
-        end as actual_delayed
-    from predictions
-    inner join features
-        on features.flight_key = predictions.flight_key
-),
-
-routes as (
+with routes as (
     select
         carrier,
         origin,
@@ -41,8 +11,13 @@ routes as (
         count(actual_delayed) as flights_with_outcome,
         avg(delay_probability) as mean_predicted_probability,
         avg(cast(actual_delayed as {{ type_double() }})) as actual_delay_rate
-    from scored
+    from {{ ref('scored_flights') }}
+    where has_features = 1
     group by carrier, origin, dest
+),
+
+airlines as (
+    select carrier, airline_name from {{ ref('stg_airlines') }}
 )
 
 select
@@ -57,7 +32,11 @@ select
     routes.actual_delay_rate,
     row_number() over (
         partition by routes.carrier
-        order by routes.mean_predicted_probability desc, routes.flights_scored desc, routes.origin, routes.dest
+        order by
+            routes.mean_predicted_probability desc,
+            routes.flights_scored desc,
+            routes.origin,
+            routes.dest
     ) as risk_rank
 from routes
 left join airlines
