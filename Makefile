@@ -8,26 +8,28 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export UV_FROZEN := 1
 
-.PHONY: run test dev install prepare lint bench clean
+.PHONY: run test dev install prepare bench clean
 
-run: prepare
+# The code location parses the dbt project itself when the manifest is missing or older
+# than a file of the project (ml_platform/assets/dbt.py), so no target needs `prepare`.
+run: install
 	$(UV) run ml-platform materialize
 
-test: prepare
+test: install
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run pytest
 
-dev: prepare
+dev: install
 	$(UV) run dagster dev
 
-bench: prepare
+bench: install
 	$(UV) run python bench/run_all.py
 
 install: $(UV)
 	$(UV) sync --frozen
 
-# The dbt manifest the code location loads (the image build does the same step).
+# The dbt manifest, built ahead (the image build runs this step).
 prepare: install
 	$(UV) run dagster-dbt project prepare-and-package --file ml_platform/assets/dbt.py
 

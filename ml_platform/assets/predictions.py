@@ -67,6 +67,7 @@ def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
                 "warehouse_uri": warehouse.uri,
                 "features_dataset": settings.dataset("features"),
                 "predictions_dataset": dataset,
+                "predictions_table": PREDICTIONS_TABLE,
                 "flight_date": day.isoformat(),
                 "model_uri": model["model_uri"].value,
             },

@@ -63,6 +63,9 @@ def split_training_data(
     unknown = set(before["split"].unique()) - {"train", "test"}
     if unknown:
         raise DataError(f"{where} has split values {sorted(unknown)}; expected train/test")
+    # Sorted by key: a warehouse returns rows in any order, and the same rows in the same
+    # order make the same model (early stopping holds out a slice of the rows by position).
+    before = before.sort_values(KEY, kind="stable")
     train = before[before["split"] == "train"].reset_index(drop=True)
     test = before[before["split"] == "test"].reset_index(drop=True)
     for name, part in (("train", train), ("test", test)):
