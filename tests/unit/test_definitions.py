@@ -34,7 +34,8 @@ def test_the_definitions_load(local_settings):
     assert parents("staging/stg_flights") == {"raw/flights"}
     assert parents("flight_delay_model") == {"features/training_data"}
     assert "flight_delay_model" in parents("flight_delay_predictions")
-    assert "flight_delay_predictions" in parents("reporting/daily_delay_report")
+    assert "flight_delay_predictions" in parents("reporting/scored_flights")
+    assert parents("reporting/daily_delay_report") == {"reporting/scored_flights"}
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert ("flight_delay_model", "beats_baseline") in checks
     assert ("features/training_data", "not_null_training_data_is_delayed") in checks
