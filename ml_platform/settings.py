@@ -75,10 +75,17 @@ class Settings:
     # Google Cloud (branch and prod).
     gcp_project: str | None = None
     gcp_region: str = "us-central1"
+    bigquery_location: str = "US"
     gcs_bucket: str | None = None
     artifact_registry_repository: str | None = None
     vertex_service_account: str | None = None
     vertex_network: str | None = None
+    # Vertex AI's step cache (a step whose inputs did not change is not run again).
+    vertex_caching: bool = True
+    # API endpoints other than Google's public ones (Private Service Connect, or the local
+    # servers the tests run); None means the default regional endpoint.
+    vertex_api_endpoint: str | None = None
+    bigquery_api_endpoint: str | None = None
     # Which published pipeline template (tag) runs use, and the image its components run in.
     template_tag: str = "latest"
     component_image: str = "ml-platform:local"
@@ -222,13 +229,22 @@ class Settings:
             "artifact_registry_repository": env.get("ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY"),
             "vertex_service_account": env.get("ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"),
             "vertex_network": env.get("ML_PLATFORM_VERTEX_NETWORK"),
+            "bigquery_location": env.get("ML_PLATFORM_BIGQUERY_LOCATION"),
+            "vertex_api_endpoint": env.get("ML_PLATFORM_VERTEX_API_ENDPOINT"),
+            "bigquery_api_endpoint": env.get("ML_PLATFORM_BIGQUERY_API_ENDPOINT"),
             "template_tag": env.get("ML_PLATFORM_TEMPLATE_TAG"),
             "component_image": env.get("ML_PLATFORM_COMPONENT_IMAGE"),
             "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
         }
+        caching = env.get("ML_PLATFORM_VERTEX_CACHING", "true").lower()
+        if caching not in ("true", "false", "1", "0"):
+            raise SettingsError(
+                f"ML_PLATFORM_VERTEX_CACHING must be true or false, got {caching!r}"
+            )
         return cls(
             deployment=deployment,
+            vertex_caching=caching in ("true", "1"),
             deployment_name=deployment_name or "local",
             pull_request_id=env.get("DAGSTER_CLOUD_PULL_REQUEST_ID") or None,
             data_dir=Path(data_dir).resolve() if data_dir else PROJECT_DIR / "data",
