@@ -6,7 +6,9 @@ import dagster as dg
 
 from ml_platform.definitions import build_definitions
 
-HEAVY = ("kfp", "sklearn", "pandas", "pyarrow", "duckdb", "google.cloud", "matplotlib")
+# Top-level packages, plus any Google Cloud SDK (the bare `google.cloud` namespace package,
+# which some dependency touches, costs nothing).
+HEAVY = ("kfp", "sklearn", "pandas", "pyarrow", "duckdb", "matplotlib", "google.cloud.")
 
 
 def test_the_definitions_load(local_settings):
@@ -50,7 +52,8 @@ def test_the_definitions_load(local_settings):
 def test_importing_the_code_location_loads_no_heavy_library():
     code = (
         "import json, sys; import ml_platform.definitions; "
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+        f"print(json.dumps(sorted({{h for h in {HEAVY!r} for m in sys.modules "
+        "if m == h or m.startswith(h if h.endswith('.') else h + '.')}})))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
