@@ -52,8 +52,9 @@ def test_the_definitions_load(local_settings):
 def test_importing_the_code_location_loads_no_heavy_library():
     code = (
         "import json, sys; import ml_platform.definitions; "
-        f"print(json.dumps(sorted({{h for h in {HEAVY!r} for m in sys.modules "
-        "if m == h or m.startswith(h if h.endswith('.') else h + '.')}})))"
+        f"heavy = {HEAVY!r}; "
+        "print(json.dumps(sorted({h for h in heavy for m in sys.modules "
+        "if m == h or m.startswith(h if h.endswith('.') else h + '.')})))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
