@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 from datetime import date, timedelta
+from pathlib import Path
 
 from ml_platform.settings import Settings, get_settings
 
@@ -28,8 +29,8 @@ def materialize(settings: Settings, days: int) -> int:
     """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting."""
 
     from ml_platform.assets.model import MODEL_KEY
-    from ml_platform.assets.predictions import PREDICTIONS_TABLE
     from ml_platform.definitions import build_definitions
+    from ml_platform.launch import PREDICTIONS_TABLE
     from ml_platform.resources.warehouse import DuckDBWarehouse
 
     if not settings.is_local:
@@ -97,20 +98,163 @@ def materialize(settings: Settings, days: int) -> int:
     return 0
 
 
+def _pipeline_names(args) -> list[str]:
+    from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
+
+    return args.pipeline or [TRAINING_PIPELINE, PREDICTION_PIPELINE]
+
+
+def compile_command(settings: Settings, args) -> int:
+    from ml_platform.pipelines.compile import compile_pipeline
+    from ml_platform.resources.template_registry import template_version_of
+
+    for name in _pipeline_names(args):
+        path = compile_pipeline(
+            name, args.output_dir / f"{name}.yaml", image=settings.component_image
+        )
+        print(f"{path}  {template_version_of(path.read_bytes())}")
+    return 0
+
+
+def publish_command(settings: Settings, args) -> int:
+    from ml_platform.launch import publish
+    from ml_platform.resources.backends import build_resources
+
+    templates = build_resources(settings)["templates"]
+    for name in _pipeline_names(args):
+        version = publish(settings, templates, name, args.tag)
+        print(f"{name}  {version.version}  tags: {', '.join(version.tags)}  {version.uri}")
+    return 0
+
+
+def run_command(settings: Settings, args) -> int:
+    from ml_platform import launch
+    from ml_platform.resources.backends import build_resources
+    from ml_platform.resources.pipeline_runner import PipelineJobError
+
+    resources = build_resources(settings)
+    runner, templates = resources["pipeline_runner"], resources["templates"]
+    warehouse_uri = resources["warehouse"].uri
+    if args.pipeline == "training":
+        cutoff = args.cutoff or settings.training_cutoff
+        asset, partition = launch.MODEL_ASSET, None
+        parameters = launch.training_parameters(settings, warehouse_uri, cutoff)
+    else:
+        if args.date is None:
+            raise SystemExit("pipelines run prediction needs --date YYYY-MM-DD")
+        model_uri = args.model_uri
+        if model_uri is None:
+            try:
+                model = launch.latest_good_model(settings, runner)
+            except LookupError as error:
+                raise SystemExit(str(error)) from error
+            model_uri = model.outputs["model"]["uri"]
+            print(f"model: {model_uri} (from {model.job_id})")
+        asset, partition = launch.PREDICTIONS_ASSET, args.date.isoformat()
+        parameters = launch.prediction_parameters(settings, warehouse_uri, args.date, model_uri)
+    request = launch.job_request(
+        settings,
+        templates,
+        asset=asset,
+        partition=partition,
+        parameters=parameters,
+        dagster_run_id=None,
+    )
+    job = runner.submit(request)
+    print(f"submitted {job.name} ({request.template.package} {request.template.version})")
+    for name, link in job.links.items():
+        print(f"  {name}: {link}")
+    if args.no_wait:
+        return 0
+    try:
+        job = runner.wait(job, log=_PrintLog())
+    except PipelineJobError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"{job.job_id}: {job.state.name}")
+    for name, value in job.outputs.items():
+        shown = value.get("uri") if isinstance(value, dict) else value
+        print(f"  {name}: {shown}")
+    return 0
+
+
+def list_command(settings: Settings, args) -> int:
+    from ml_platform.resources.backends import build_resources
+    from ml_platform.resources.pipeline_runner import JobState
+
+    runner = build_resources(settings)["pipeline_runner"]
+    states = [JobState[state] for state in args.state] if args.state else None
+    jobs = [
+        job
+        for job in runner.list_jobs(
+            labels={"deployment": settings.labels["deployment"]}, states=states
+        )
+        if not args.pipeline or job.pipeline in args.pipeline
+    ]
+    for job in jobs[-args.limit :]:
+        ended = job.end_time.isoformat(timespec="seconds") if job.end_time else "-"
+        started_by = job.labels.get("dagster_run_id", "outside Dagster")
+        print(f"{job.job_id}  {job.state.name:<10} ended {ended}  {started_by}")
+    return 0
+
+
+class _PrintLog:
+    def info(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    warning = info
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ml-platform", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ml-platform",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("materialize", help="materialize the whole asset graph locally")
     run.add_argument(
         "--days", type=int, default=7, help="days of predictions after the cutoff (default 7)"
     )
+    pipelines = commands.add_parser("pipelines", help="compile, publish, run and list pipelines")
+    actions = pipelines.add_subparsers(dest="action", required=True)
+    names = {"action": "append", "dest": "pipeline", "help": "only this pipeline (repeatable)"}
+    compile_ = actions.add_parser("compile", help="compile the pipelines to YAML")
+    compile_.add_argument("--output-dir", type=Path, default=Path("build/pipelines"))
+    compile_.add_argument("--pipeline", **names)
+    publish_ = actions.add_parser("publish", help="compile and upload under tags")
+    publish_.add_argument("--tag", action="append", required=True)
+    publish_.add_argument("--pipeline", **names)
+    run_ = actions.add_parser("run", help="run a pipeline job outside Dagster")
+    run_.add_argument("pipeline", choices=["training", "prediction"])
+    run_.add_argument("--date", type=date.fromisoformat, help="the day to score")
+    run_.add_argument("--cutoff", type=date.fromisoformat, help="train on flights before it")
+    run_.add_argument("--model-uri", help="default: the latest training job that beat its baseline")
+    run_.add_argument("--no-wait", action="store_true", help="submit and return")
+    list_ = actions.add_parser("list", help="pipeline jobs of this deployment, oldest first")
+    list_.add_argument("--pipeline", **names)
+    list_.add_argument("--state", action="append", choices=[s.name for s in _job_states()])
+    list_.add_argument("--limit", type=int, default=20)
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "materialize":
         if not 1 <= args.days <= (date(2014, 1, 1) - settings.training_cutoff).days:
             parser.error("--days must fit between the training cutoff and the end of 2013")
         return materialize(settings, args.days)
-    return 2
+    handlers = {
+        "compile": compile_command,
+        "publish": publish_command,
+        "run": run_command,
+        "list": list_command,
+    }
+    return handlers[args.action](settings, args)
+
+
+def _job_states():
+    from ml_platform.resources.pipeline_runner import JobState
+
+    return JobState
 
 
 if __name__ == "__main__":

@@ -183,14 +183,19 @@ class Settings:
             labels[sanitize_label_key(key)] = sanitize_label_value(value)
         return labels
 
-    def job_labels(self, *, asset: str, partition: str | None, run_id: str) -> dict[str, str]:
-        """Labels of one pipeline job: who started it, for which asset and partition."""
-        return {
+    def job_labels(
+        self, *, asset: str, partition: str | None, run_id: str | None
+    ) -> dict[str, str]:
+        """Labels of one pipeline job: which asset and partition, and the Dagster run that
+        started it (no such label on a job started outside Dagster)."""
+        labels = {
             **self.labels,
             "asset": sanitize_label_value(asset),
             "partition": sanitize_label_value(partition or "none"),
-            "dagster_run_id": sanitize_label_value(run_id),
         }
+        if run_id:
+            labels["dagster_run_id"] = sanitize_label_value(run_id)
+        return labels
 
     @property
     def dbt_target(self) -> str:

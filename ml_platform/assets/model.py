@@ -6,14 +6,14 @@ from datetime import date
 import dagster as dg
 
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
-from ml_platform.pipelines import TRAINING_PIPELINE
+from ml_platform.launch import MODEL_ASSET, beats_baseline, training_parameters
 from ml_platform.resources.artifacts import ArtifactStore
 from ml_platform.resources.pipeline_runner import PipelineRunner
 from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
 
-MODEL_KEY = dg.AssetKey("flight_delay_model")
+MODEL_KEY = dg.AssetKey(MODEL_ASSET)
 BEATS_BASELINE = "beats_baseline"
 
 
@@ -63,17 +63,12 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
             settings,
             runner=pipeline_runner,
             templates=templates,
-            pipeline=TRAINING_PIPELINE,
-            parameters={
-                "warehouse_uri": warehouse.uri,
-                "features_dataset": settings.dataset("features"),
-                "cutoff_date": cutoff.isoformat(),
-            },
+            parameters=training_parameters(settings, warehouse.uri, cutoff),
         )
         model = job.outputs["model"]
         metrics = job.outputs["metrics"]["metadata"]
         roc_auc, baseline_auc = metrics["roc_auc"], metrics["baseline_roc_auc"]
-        passed = roc_auc > baseline_auc
+        passed = beats_baseline(job)
         metadata = {
             **job_metadata(job),
             "model_uri": model["uri"],

@@ -1,41 +1,14 @@
 """How an asset runs a Kubeflow pipeline: template, job id, labels, metadata. Shared by
 the model and the predictions assets so both behave the same on every backend."""
 
-import tempfile
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from ml_platform.resources.pipeline_runner import (
-    JobRequest,
-    PipelineJob,
-    PipelineRunner,
-    make_job_id,
-)
-from ml_platform.resources.template_registry import TemplateRegistry, TemplateVersion
+from ml_platform.launch import job_request
+from ml_platform.resources.pipeline_runner import PipelineJob, PipelineRunner
+from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.settings import Settings
-
-
-def template_for_run(
-    settings: Settings, templates: TemplateRegistry, pipeline: str
-) -> TemplateVersion:
-    """The template version to submit, resolved from the deployment's tag.
-
-    On Google Cloud, CD publishes templates; locally the code as it is now is compiled and
-    published under the tag first, so `dagster dev` always runs what is on disk. Either
-    way the job is submitted by the sha256 version the tag resolves to.
-    """
-    if settings.is_local:
-        from ml_platform.pipelines.compile import compile_pipeline
-
-        with tempfile.TemporaryDirectory() as scratch:
-            compiled = compile_pipeline(
-                pipeline, Path(scratch) / f"{pipeline}.yaml", image=settings.component_image
-            )
-            templates.upload(pipeline, compiled, tags=[settings.template_tag])
-    return templates.resolve(pipeline, settings.template_tag)
 
 
 def run_pipeline(
@@ -44,24 +17,23 @@ def run_pipeline(
     *,
     runner: PipelineRunner,
     templates: TemplateRegistry,
-    pipeline: str,
-    parameters: Mapping[str, Any],
+    parameters: dict[str, Any],
 ) -> PipelineJob:
-    """Run one pipeline job for the asset being materialized and wait for it to succeed.
+    """Run the pipeline of the asset being materialized and wait for it to succeed.
 
     The job id comes from the Dagster run, asset and partition, so a retried step (or a
     resumed run) finds the job it already submitted instead of submitting another.
     """
-    asset = context.asset_key.to_user_string()
-    partition = context.partition_key if context.has_partition_key else None
-    template = template_for_run(settings, templates, pipeline)
-    context.log.info(f"template {pipeline}:{settings.template_tag} is {template.version}")
-    request = JobRequest(
-        job_id=make_job_id(asset, partition or "", context.run.run_id),
-        template=template,
-        parameters=dict(parameters),
-        labels=settings.job_labels(asset=asset, partition=partition, run_id=context.run.run_id),
-        display_name=f"{asset} {partition or ''}".strip(),
+    request = job_request(
+        settings,
+        templates,
+        asset=context.asset_key.to_user_string(),
+        partition=context.partition_key if context.has_partition_key else None,
+        parameters=parameters,
+        dagster_run_id=context.run.run_id,
+    )
+    context.log.info(
+        f"template {request.pipeline}:{settings.template_tag} is {request.template.version}"
     )
     return runner.run(request, log=context.log)
 

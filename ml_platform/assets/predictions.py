@@ -6,14 +6,13 @@ import dagster as dg
 
 from ml_platform.assets.model import BEATS_BASELINE, MODEL_KEY
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
-from ml_platform.pipelines import PREDICTION_PIPELINE
+from ml_platform.launch import PREDICTIONS_ASSET, PREDICTIONS_TABLE, prediction_parameters
 from ml_platform.resources.pipeline_runner import PipelineRunner
 from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
 
-PREDICTIONS_KEY = dg.AssetKey("flight_delay_predictions")
-PREDICTIONS_TABLE = "flight_delay_predictions"
+PREDICTIONS_KEY = dg.AssetKey(PREDICTIONS_ASSET)
 DAILY_2013 = dg.DailyPartitionsDefinition(start_date="2013-01-01", end_date="2014-01-01")
 
 
@@ -62,15 +61,9 @@ def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
             settings,
             runner=pipeline_runner,
             templates=templates,
-            pipeline=PREDICTION_PIPELINE,
-            parameters={
-                "warehouse_uri": warehouse.uri,
-                "features_dataset": settings.dataset("features"),
-                "predictions_dataset": dataset,
-                "predictions_table": PREDICTIONS_TABLE,
-                "flight_date": day.isoformat(),
-                "model_uri": model["model_uri"].value,
-            },
+            parameters=prediction_parameters(
+                settings, warehouse.uri, day, model["model_uri"].value
+            ),
         )
         rows = int(job.outputs["rows"])
         stored = warehouse.row_count(dataset, PREDICTIONS_TABLE, column="flight_date", value=day)

@@ -4,6 +4,9 @@ Real DuckDB, real dbt, real kfp.local jobs: September 2013 trains the model (cut
 2013-10-01) and the first days of October are scored.
 """
 
+import os
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -237,3 +240,26 @@ def test_an_unreadable_model_artifact_fails_scoring_and_keeps_the_day(graph: Gra
     assert "ModelArtifactError" in message
     assert str(model_file) in message
     assert graph.predictions_on(NEXT_DAY) == before
+
+
+def test_the_cli_runs_a_prediction_job_outside_dagster(graph: Graph, tmp_path: Path):
+    env = {
+        **os.environ,
+        "ML_PLATFORM_DATA_DIR": str(graph.settings.data_dir),
+        "DAGSTER_HOME": str(tmp_path),
+    }
+    cli = [sys.executable, "-m", "ml_platform.cli", "pipelines"]
+    done = subprocess.run(
+        [*cli, "run", "prediction", "--date", "2013-10-03"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SUCCEEDED" in done.stdout
+    assert graph.predictions_on("2013-10-03") == graph.count(
+        "flights_features.flight_features where flight_date = DATE '2013-10-03'"
+    )
+    listed = subprocess.run(
+        [*cli, "list", "--pipeline", "flight-delay-prediction"], env=env, capture_output=True,
+        text=True, check=True,
+    ).stdout  # fmt: skip
+    manual = [line for line in listed.splitlines() if "2013-10-03-manual-" in line]
+    assert len(manual) == 1 and "SUCCEEDED" in manual[0] and "outside Dagster" in manual[0]

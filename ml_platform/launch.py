@@ -1,0 +1,123 @@
+"""Launching the two pipelines, the same way from an asset, the CLI or a test.
+
+One place decides a job's template version, id, labels and parameters, so a job started
+by `ml-platform pipelines run` looks exactly like one a Dagster run started (the
+completion sensor tells them apart by the `dagster_run_id` label only).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
+from ml_platform.resources.pipeline_runner import (
+    JobRequest,
+    JobState,
+    PipelineJob,
+    PipelineRunner,
+    make_job_id,
+)
+from ml_platform.resources.template_registry import TemplateRegistry, TemplateVersion
+from ml_platform.settings import Settings
+
+MODEL_ASSET = "flight_delay_model"
+PREDICTIONS_ASSET = "flight_delay_predictions"
+PREDICTIONS_TABLE = "flight_delay_predictions"
+PIPELINE_OF_ASSET = {MODEL_ASSET: TRAINING_PIPELINE, PREDICTIONS_ASSET: PREDICTION_PIPELINE}
+
+
+def template_for_run(
+    settings: Settings, templates: TemplateRegistry, pipeline: str
+) -> TemplateVersion:
+    """The template version to submit, resolved from the deployment's tag.
+
+    On Google Cloud, CD publishes templates; locally the code as it is now is compiled and
+    published under the tag first, so `dagster dev` always runs what is on disk. Either
+    way the job is submitted by the sha256 version the tag resolves to.
+    """
+    if settings.is_local:
+        publish(settings, templates, pipeline, [settings.template_tag])
+    return templates.resolve(pipeline, settings.template_tag)
+
+
+def publish(
+    settings: Settings, templates: TemplateRegistry, pipeline: str, tags: list[str]
+) -> TemplateVersion:
+    """Compile the pipeline as the code is now and upload it under ``tags``."""
+    from ml_platform.pipelines.compile import compile_pipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        compiled = compile_pipeline(
+            pipeline, Path(scratch) / f"{pipeline}.yaml", image=settings.component_image
+        )
+        return templates.upload(pipeline, compiled, tags=tags)
+
+
+def job_request(
+    settings: Settings,
+    templates: TemplateRegistry,
+    *,
+    asset: str,
+    partition: str | None,
+    parameters: dict[str, Any],
+    dagster_run_id: str | None,
+) -> JobRequest:
+    """A job for ``asset`` (and ``partition``): by a Dagster run, or by someone else.
+
+    A Dagster run's job id is deterministic (asset, partition, run id), so a retried step
+    finds the job it already submitted. Anyone else gets a fresh id each time.
+    """
+    pipeline = PIPELINE_OF_ASSET[asset]
+    origin = dagster_run_id or f"manual-{uuid.uuid4().hex[:12]}"
+    return JobRequest(
+        job_id=make_job_id(asset, partition or "", origin),
+        template=template_for_run(settings, templates, pipeline),
+        parameters=parameters,
+        labels=settings.job_labels(asset=asset, partition=partition, run_id=dagster_run_id),
+        display_name=f"{asset} {partition or ''}".strip(),
+    )
+
+
+def training_parameters(settings: Settings, warehouse_uri: str, cutoff: date) -> dict[str, Any]:
+    return {
+        "warehouse_uri": warehouse_uri,
+        "features_dataset": settings.dataset("features"),
+        "cutoff_date": cutoff.isoformat(),
+    }
+
+
+def prediction_parameters(
+    settings: Settings, warehouse_uri: str, day: date, model_uri: str
+) -> dict[str, Any]:
+    return {
+        "warehouse_uri": warehouse_uri,
+        "features_dataset": settings.dataset("features"),
+        "predictions_dataset": settings.dataset("predictions"),
+        "predictions_table": PREDICTIONS_TABLE,
+        "flight_date": day.isoformat(),
+        "model_uri": model_uri,
+    }
+
+
+def beats_baseline(job: PipelineJob) -> bool:
+    metrics = job.outputs.get("metrics", {}).get("metadata", {})
+    return metrics.get("roc_auc", 0.0) > metrics.get("baseline_roc_auc", 1.0)
+
+
+def latest_good_model(settings: Settings, runner: PipelineRunner) -> PipelineJob:
+    """The newest training job of this deployment that succeeded and beat its baseline."""
+    jobs = runner.list_jobs(
+        labels={"deployment": settings.labels["deployment"], "asset": MODEL_ASSET},
+        states=[JobState.SUCCEEDED],
+    )
+    good = [job for job in jobs if beats_baseline(job)]
+    if not good:
+        raise LookupError(
+            f"no succeeded {TRAINING_PIPELINE} job that beat its baseline in the "
+            f"{settings.deployment} deployment: materialize flight_delay_model first"
+        )
+    return max(good, key=lambda job: job.end_time)
