@@ -166,6 +166,19 @@ class Settings:
         return str(self.deployment)
 
     @property
+    def artifact_registry_url(self) -> str:
+        """The KFP repository holding the pipeline templates (kfp's RegistryClient host)."""
+        if not self.artifact_registry_repository:
+            raise SettingsError(
+                f"the {self.deployment} deployment needs ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY "
+                "(the name of a KFP-format Artifact Registry repository)"
+            )
+        return (
+            f"https://{self.gcp_region}-kfp.pkg.dev/{self.gcp_project}/"
+            f"{self.artifact_registry_repository}"
+        )
+
+    @property
     def job_store_path(self) -> Path:
         return self.data_dir / "pipeline_jobs.sqlite"
 

@@ -50,6 +50,22 @@ def test_prod_names():
     assert "duckdb_path" not in settings.dbt_vars
 
 
+def test_artifact_registry_url():
+    settings = Settings.from_env(
+        {
+            "DAGSTER_CLOUD_DEPLOYMENT_NAME": "prod",
+            "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
+            "ML_PLATFORM_GCP_REGION": "europe-west4",
+            **GCP,
+        }
+    )
+    assert settings.artifact_registry_url == (
+        "https://europe-west4-kfp.pkg.dev/acme-ml/pipeline-templates"
+    )
+    with pytest.raises(SettingsError, match="ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY"):
+        _ = prod().artifact_registry_url
+
+
 def test_branch_names_carry_the_pull_request():
     settings = branch("42")
     assert settings.deployment is Deployment.BRANCH
