@@ -145,3 +145,9 @@ def test_settings_are_the_only_reader_of_the_environment():
         if "os.environ" in path.read_text() or "getenv" in path.read_text()
     ]
     assert readers == ["settings.py"]
+
+
+def test_a_job_started_outside_dagster_has_no_run_label():
+    labels = prod().job_labels(asset="flight_delay_predictions", partition=None, run_id=None)
+    assert "dagster_run_id" not in labels
+    assert labels["partition"] == "none"
