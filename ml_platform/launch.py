@@ -110,14 +110,16 @@ def beats_baseline(job: PipelineJob) -> bool:
 
 def latest_good_model(settings: Settings, runner: PipelineRunner) -> PipelineJob:
     """The newest training job of this deployment that succeeded and beat its baseline."""
-    jobs = runner.list_jobs(
+    succeeded = runner.list_jobs(
         labels={"deployment": settings.labels["deployment"], "asset": MODEL_ASSET},
         states=[JobState.SUCCEEDED],
     )
-    good = [job for job in jobs if beats_baseline(job)]
-    if not good:
-        raise LookupError(
-            f"no succeeded {TRAINING_PIPELINE} job that beat its baseline in the "
-            f"{settings.deployment} deployment: materialize flight_delay_model first"
-        )
-    return max(good, key=lambda job: job.end_time)
+    # A listing may carry no outputs (Vertex's list view): read each candidate, newest first.
+    for listed in sorted(succeeded, key=lambda job: job.end_time, reverse=True):
+        job = runner.get(listed.job_id)
+        if job is not None and beats_baseline(job):
+            return job
+    raise LookupError(
+        f"no succeeded {TRAINING_PIPELINE} job that beat its baseline in the "
+        f"{settings.deployment} deployment: materialize flight_delay_model first"
+    )

@@ -175,7 +175,11 @@ class PipelineRunner(ABC):
         ended_after: datetime | None = None,
         page_size: int = 100,
     ) -> Iterator[PipelineJob]:
-        """Jobs matching every filter, oldest end time first (the completion sensor's view)."""
+        """Jobs matching every filter, oldest end time first (the completion sensor's view).
+
+        A backend may leave ``outputs`` empty in a listing (Vertex's list view has no task
+        details): ``get`` a job to read its outputs.
+        """
 
     # -- what every backend shares ---------------------------------------------------
 
@@ -206,7 +210,9 @@ class PipelineRunner(ABC):
                         raise
                 log.info(f"submitted {job.describe()}")
                 return job
-            if existing.state in (JobState.FAILED, JobState.CANCELLED):
+            # A paused job counts as failed here too: `wait` gives up on it, so reattaching
+            # would fail every retry forever.
+            if existing.state in _FAILURE_STATES:
                 log.info(f"{existing.describe()}; submitting a new job")
                 continue
             log.info(f"reattaching to {existing.describe()}")
@@ -232,7 +238,7 @@ class PipelineRunner(ABC):
                 if job.state in _FAILURE_STATES:
                     raise PipelineJobError(job.describe(), job)
                 if clock() - started > self.poll.deadline:
-                    self.cancel(job.job_id)
+                    self._cancel_quietly(job.job_id, log)
                     raise PipelineJobError(
                         f"{job.describe()}; gave up waiting after {self.poll.deadline:.0f} s "
                         "and requested cancellation",
@@ -252,5 +258,12 @@ class PipelineRunner(ABC):
             # The wait was interrupted (the Dagster run was terminated, or the process is
             # shutting down): nobody will be left to use the result, so stop paying for it.
             log.warning(f"interrupted while waiting for {job.job_id}; cancelling it")
-            self.cancel(job.job_id)
+            self._cancel_quietly(job.job_id, log)
             raise
+
+    def _cancel_quietly(self, job_id: str, log: Log) -> None:
+        # A cancel that fails must not hide why we cancelled (the interrupt, the deadline).
+        try:
+            self.cancel(job_id)
+        except Exception as error:
+            log.warning(f"could not cancel pipeline job {job_id}: {error}")
