@@ -219,6 +219,11 @@ class Settings:
         dbt_vars: dict[str, object] = {"datasets": self.datasets}
         if self.is_local:
             dbt_vars["duckdb_path"] = str(self.duckdb_path)
+        else:
+            dbt_vars["gcp_project"] = self.gcp_project
+            dbt_vars["bigquery_location"] = self.bigquery_location
+            if self.bigquery_api_endpoint:
+                dbt_vars["bigquery_api_endpoint"] = self.bigquery_api_endpoint
         return dbt_vars
 
     # -- construction ------------------------------------------------------------------

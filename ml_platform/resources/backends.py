@@ -6,11 +6,14 @@ from typing import Any
 
 from dagster_dbt import DbtCliResource
 
-from ml_platform.resources.artifacts import LocalArtifactStore
+from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
+from ml_platform.resources.artifacts import GcsArtifactStore, LocalArtifactStore
+from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
 from ml_platform.resources.local_pipelines import LocalPipelineRunner
 from ml_platform.resources.template_registry import LocalTemplateRegistry
+from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
 from ml_platform.resources.warehouse import DuckDBWarehouse
-from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings, SettingsError
+from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
@@ -31,7 +34,16 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             "artifacts": LocalArtifactStore(settings.pipeline_root),
             "dbt": dbt,
         }
-    raise SettingsError(
-        f"the {settings.deployment} deployment needs the Google Cloud backends, "
-        "which this build does not include yet"
-    )
+    # Branch and prod: Google Cloud. Nothing here calls Google; clients are made on first use.
+    templates = ArtifactRegistryTemplates(settings.artifact_registry_url)
+    return {
+        "warehouse": BigQueryWarehouse(
+            settings.gcp_project,
+            settings.bigquery_location,
+            api_endpoint=settings.bigquery_api_endpoint,
+        ),
+        "templates": templates,
+        "pipeline_runner": VertexPipelineRunner.from_settings(settings, templates),
+        "artifacts": GcsArtifactStore(settings.pipeline_root, project=settings.gcp_project),
+        "dbt": dbt,
+    }

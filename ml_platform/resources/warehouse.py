@@ -233,4 +233,12 @@ def open_warehouse(uri: str) -> Warehouse:
     scheme, _, rest = uri.partition("://")
     if scheme == "duckdb" and rest:
         return DuckDBWarehouse(rest)
-    raise WarehouseError(f"unsupported warehouse uri {uri!r} (expected duckdb:///path)")
+    if scheme == "bigquery" and rest:
+        # Imported here: the BigQuery module is only needed by BigQuery deployments.
+        from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
+
+        return BigQueryWarehouse.from_uri(uri)
+    raise WarehouseError(
+        f"unsupported warehouse uri {uri!r} "
+        "(expected duckdb:///path or bigquery://PROJECT?location=LOCATION)"
+    )

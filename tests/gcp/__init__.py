@@ -1,0 +1,1 @@
+"""Wire-level tests of the Google Cloud backends against local emulators."""

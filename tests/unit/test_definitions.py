@@ -1,8 +1,10 @@
 import json
+import os
 import subprocess
 import sys
 
 import dagster as dg
+import pytest
 
 from ml_platform.definitions import build_definitions
 
@@ -49,14 +51,44 @@ def test_the_definitions_load(local_settings):
     }
 
 
-def test_importing_the_code_location_loads_no_heavy_library():
+BRANCH = {
+    "DAGSTER_CLOUD_DEPLOYMENT_NAME": "pr-5",
+    "DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT": "1",
+    "DAGSTER_CLOUD_PULL_REQUEST_ID": "5",
+    "ML_PLATFORM_GCP_PROJECT": "acme-ml",
+    "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
+    "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
+}
+
+
+def test_a_branch_deployment_gets_the_google_cloud_backends():
+    from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
+    from ml_platform.resources.artifacts import GcsArtifactStore
+    from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
+    from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
+    from ml_platform.settings import Settings
+
+    defs = build_definitions(Settings.from_env(BRANCH))
+    dg.Definitions.validate_loadable(defs)
+    resources = defs.resources
+    assert isinstance(resources["warehouse"], BigQueryWarehouse)
+    assert isinstance(resources["templates"], ArtifactRegistryTemplates)
+    assert isinstance(resources["pipeline_runner"], VertexPipelineRunner)
+    assert isinstance(resources["artifacts"], GcsArtifactStore)
+    assert resources["artifacts"].root == "gs://acme-ml-pipelines/pipeline_root/branch/pr-5"
+    assert resources["dbt"].target == "branch"
+
+
+@pytest.mark.parametrize("deployment", ["local", "branch"])
+def test_importing_the_code_location_loads_no_heavy_library(deployment: str):
     code = (
         "import json, sys; import ml_platform.definitions; "
         f"heavy = {HEAVY!r}; "
         "print(json.dumps(sorted({h for h in heavy for m in sys.modules "
         "if m == h or m.startswith(h if h.endswith('.') else h + '.')})))"
     )
+    env = {**os.environ, **(BRANCH if deployment == "branch" else {})}
     loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert json.loads(loaded.strip().splitlines()[-1]) == []

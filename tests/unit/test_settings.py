@@ -48,6 +48,8 @@ def test_prod_names():
     assert settings.pipeline_root == "gs://acme-ml-pipelines/pipeline_root/prod"
     assert settings.labels == {"app": "ml-platform", "deployment": "prod"}
     assert "duckdb_path" not in settings.dbt_vars
+    assert settings.dbt_vars["gcp_project"] == "acme-ml"
+    assert settings.dbt_vars["bigquery_location"] == "US"
 
 
 def test_artifact_registry_url():
