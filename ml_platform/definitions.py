@@ -11,7 +11,7 @@ import dagster as dg
 from ml_platform.assets.dbt import build_dbt_assets
 from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
-from ml_platform.assets.predictions import DAILY_2013, build_predictions_asset
+from ml_platform.assets.predictions import build_predictions_asset
 from ml_platform.resources.backends import build_resources
 from ml_platform.settings import Settings, get_settings
 
@@ -31,7 +31,6 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         "score_flights",
         # The predictions' data tests are dbt source tests, run by refresh_reporting.
         selection=dg.AssetSelection.assets(predictions).without_checks(),
-        partitions_def=DAILY_2013,
         description="Score one day of flights with the latest model.",
     )
     reporting_job = dg.define_asset_job(

@@ -363,9 +363,16 @@ class VertexPipelineRunner(PipelineRunner):
     def _client(self) -> Any:
         from google.cloud.aiplatform_v1 import PipelineServiceClient
 
+        credentials = self.credentials
+        if credentials is None and self.api_endpoint.startswith("http://"):
+            # A plain-HTTP endpoint is a local stand-in: a real token must never travel
+            # unencrypted (the same rule as BigQueryWarehouse).
+            from google.auth.credentials import AnonymousCredentials
+
+            credentials = AnonymousCredentials()
         return PipelineServiceClient(
             transport=self.transport,
-            credentials=self.credentials,
+            credentials=credentials,
             client_options={"api_endpoint": self.api_endpoint},
         )
 
