@@ -89,6 +89,15 @@ class Settings:
     # Which published pipeline template (tag) runs use, and the image its components run in.
     template_tag: str = "latest"
     component_image: str = "ml-platform:local"
+    # Alerts: posted to Slack when a token is configured, else only logged.
+    slack_token: str | None = None
+    slack_channel: str = "#ml-platform-alerts"
+    # Where people open the Dagster UI (links in alerts).
+    dagster_ui_url: str = "http://127.0.0.1:3000"
+    # How often the completion sensor looks for ended pipeline jobs, and how far back
+    # before the newest end it has seen (an end time can be recorded late).
+    sensor_interval_seconds: int = 30
+    sensor_lookback_seconds: int = 3600
     # The Dagster instance the main command records its runs in (and `dagster dev` shows).
     dagster_home: Path = PROJECT_DIR / "dagster_home"
     # Model and scoring defaults (the same in every deployment).
@@ -257,6 +266,9 @@ class Settings:
             "bigquery_api_endpoint": env.get("ML_PLATFORM_BIGQUERY_API_ENDPOINT"),
             "template_tag": env.get("ML_PLATFORM_TEMPLATE_TAG"),
             "component_image": env.get("ML_PLATFORM_COMPONENT_IMAGE"),
+            "slack_token": env.get("ML_PLATFORM_SLACK_TOKEN"),
+            "slack_channel": env.get("ML_PLATFORM_SLACK_CHANNEL"),
+            "dagster_ui_url": env.get("ML_PLATFORM_DAGSTER_UI_URL"),
             "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
         }
