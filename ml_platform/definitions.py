@@ -13,6 +13,7 @@ from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
 from ml_platform.assets.predictions import build_predictions_asset
 from ml_platform.resources.backends import build_resources
+from ml_platform.sensors import REPORTING_JOB, build_completion_sensor
 from ml_platform.settings import Settings, get_settings
 
 
@@ -34,7 +35,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         description="Score one day of flights with the latest model.",
     )
     reporting_job = dg.define_asset_job(
-        "refresh_reporting",
+        REPORTING_JOB,
         selection=dg.AssetSelection.assets(dbt_reporting)
         | dg.AssetSelection.checks_for_assets(predictions),
         description="Test the predictions and rebuild the dbt reporting models over them.",
@@ -42,6 +43,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=[ingest, dbt_features, model, predictions, dbt_reporting],
         jobs=[training_job, predictions_job, reporting_job],
+        sensors=[build_completion_sensor(settings)],
         resources=build_resources(settings),
         # Locally, steps run one after another in the run's own process: the warehouse
         # takes one writer at a time anyway, and each step process would pay the code

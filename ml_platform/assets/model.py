@@ -2,13 +2,14 @@
 
 import base64
 from datetime import date
+from typing import Any
 
 import dagster as dg
 
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
 from ml_platform.launch import MODEL_ASSET, beats_baseline, training_parameters
 from ml_platform.resources.artifacts import ArtifactStore
-from ml_platform.resources.pipeline_runner import PipelineRunner
+from ml_platform.resources.pipeline_runner import PipelineJob, PipelineRunner
 from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
@@ -25,6 +26,39 @@ def _plot_markdown(png: bytes) -> dg.MetadataValue:
     # Embedded, so the plot shows in the UI without access to the artifact store.
     encoded = base64.b64encode(png).decode()
     return dg.MetadataValue.md(f"![evaluation](data:image/png;base64,{encoded})")
+
+
+def model_materialization(
+    job: PipelineJob, artifacts: ArtifactStore
+) -> tuple[dict[str, Any], dg.AssetCheckResult]:
+    """What a succeeded training job records on flight_delay_model, and its baseline check.
+
+    Shared by the asset and by the completion sensor, which records training jobs started
+    outside Dagster the same way.
+    """
+    model = job.outputs["model"]
+    metrics = job.outputs["metrics"]["metadata"]
+    roc_auc, baseline_auc = metrics["roc_auc"], metrics["baseline_roc_auc"]
+    passed = beats_baseline(job)
+    plot_uri = job.outputs["evaluation_plot"]["uri"]
+    metadata = {
+        **job_metadata(job),
+        "model_uri": model["uri"],
+        "model_version": model["metadata"].get("version", ""),
+        "cutoff_date": job.parameters.get("cutoff_date", ""),
+        BEATS_BASELINE: passed,
+        **{name: float(value) for name, value in metrics.items()},
+        "evaluation_plot": _plot_markdown(artifacts.read_bytes(plot_uri)),
+        "evaluation_plot_uri": plot_uri,
+    }
+    check = dg.AssetCheckResult(
+        asset_key=MODEL_KEY,
+        check_name=BEATS_BASELINE,
+        passed=passed,
+        metadata={"roc_auc": roc_auc, "baseline_roc_auc": baseline_auc},
+        description=f"test ROC AUC {roc_auc:.4f} vs baseline {baseline_auc:.4f}",
+    )
+    return metadata, check
 
 
 def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
@@ -65,32 +99,10 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
             templates=templates,
             parameters=training_parameters(settings, warehouse.uri, cutoff),
         )
-        model = job.outputs["model"]
-        metrics = job.outputs["metrics"]["metadata"]
-        roc_auc, baseline_auc = metrics["roc_auc"], metrics["baseline_roc_auc"]
-        passed = beats_baseline(job)
-        metadata = {
-            **job_metadata(job),
-            "model_uri": model["uri"],
-            "model_version": model["metadata"].get("version", ""),
-            "cutoff_date": cutoff.isoformat(),
-            BEATS_BASELINE: passed,
-            **{name: float(value) for name, value in metrics.items()},
-        }
-        plot_uri = job.outputs["evaluation_plot"]["uri"]
-        metadata["evaluation_plot"] = _plot_markdown(artifacts.read_bytes(plot_uri))
-        metadata["evaluation_plot_uri"] = plot_uri
-        context.log.info(f"test ROC AUC {roc_auc:.4f} vs baseline {baseline_auc:.4f}")
+        metadata, check = model_materialization(job, artifacts)
+        context.log.info(check.description)
         return dg.MaterializeResult(
-            metadata=metadata,
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=BEATS_BASELINE,
-                    passed=passed,
-                    metadata={"roc_auc": roc_auc, "baseline_roc_auc": baseline_auc},
-                    description=f"test ROC AUC {roc_auc:.4f} vs baseline {baseline_auc:.4f}",
-                )
-            ],
+            metadata={**metadata, "cutoff_date": cutoff.isoformat()}, check_results=[check]
         )
 
     return flight_delay_model

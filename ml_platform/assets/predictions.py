@@ -1,13 +1,14 @@
 """``flight_delay_predictions``: daily batch scoring by the prediction pipeline."""
 
 from datetime import date
+from typing import Any
 
 import dagster as dg
 
 from ml_platform.assets.model import BEATS_BASELINE, MODEL_KEY
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
 from ml_platform.launch import PREDICTIONS_ASSET, PREDICTIONS_TABLE, prediction_parameters
-from ml_platform.resources.pipeline_runner import PipelineRunner
+from ml_platform.resources.pipeline_runner import PipelineJob, PipelineRunner
 from ml_platform.resources.template_registry import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
@@ -33,6 +34,17 @@ def current_model(instance: dg.DagsterInstance) -> dict[str, dg.MetadataValue]:
             },
         )
     return metadata
+
+
+def predictions_metadata(job: PipelineJob) -> dict[str, Any]:
+    """What a succeeded prediction job records on its partition (asset and sensor alike)."""
+    return {
+        **job_metadata(job),
+        "dagster/row_count": int(job.outputs["rows"]),
+        "mean_delay_probability": float(job.outputs["mean_probability"]),
+        "model_version": job.outputs["model_version"],
+        "model_uri": job.parameters.get("model_uri", ""),
+    }
 
 
 def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
@@ -72,14 +84,6 @@ def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
                 f"{dataset}.{PREDICTIONS_TABLE} holds {stored} rows for {day}, "
                 f"but pipeline job {job.job_id} wrote {rows}"
             )
-        return dg.MaterializeResult(
-            metadata={
-                **job_metadata(job),
-                "dagster/row_count": rows,
-                "mean_delay_probability": float(job.outputs["mean_probability"]),
-                "model_version": job.outputs["model_version"],
-                "model_uri": model["model_uri"].value,
-            }
-        )
+        return dg.MaterializeResult(metadata=predictions_metadata(job))
 
     return flight_delay_predictions

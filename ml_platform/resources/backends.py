@@ -6,6 +6,7 @@ from typing import Any
 
 from dagster_dbt import DbtCliResource
 
+from ml_platform.resources.alerts import LogAlerts
 from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
 from ml_platform.resources.artifacts import GcsArtifactStore, LocalArtifactStore
 from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
@@ -32,6 +33,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
                 settings.job_store_path, settings.pipeline_root, templates
             ),
             "artifacts": LocalArtifactStore(settings.pipeline_root),
+            "alerts": LogAlerts(),
             "dbt": dbt,
         }
     # Branch and prod: Google Cloud. Nothing here calls Google; clients are made on first use.
@@ -45,5 +47,6 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "templates": templates,
         "pipeline_runner": VertexPipelineRunner.from_settings(settings, templates),
         "artifacts": GcsArtifactStore(settings.pipeline_root, project=settings.gcp_project),
+        "alerts": LogAlerts(),
         "dbt": dbt,
     }
