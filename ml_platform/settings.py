@@ -277,14 +277,30 @@ class Settings:
             raise SettingsError(
                 f"ML_PLATFORM_VERTEX_CACHING must be true or false, got {caching!r}"
             )
+        seconds = {
+            name: _positive_int(env, variable)
+            for name, variable in (
+                ("sensor_interval_seconds", "ML_PLATFORM_SENSOR_INTERVAL_SECONDS"),
+                ("sensor_lookback_seconds", "ML_PLATFORM_SENSOR_LOOKBACK_SECONDS"),
+            )
+            if env.get(variable)
+        }
         return cls(
             deployment=deployment,
             vertex_caching=caching in ("true", "1"),
+            **seconds,
             deployment_name=deployment_name or "local",
             pull_request_id=env.get("DAGSTER_CLOUD_PULL_REQUEST_ID") or None,
             data_dir=Path(data_dir).resolve() if data_dir else PROJECT_DIR / "data",
             **{key: value for key, value in optional.items() if value},
         )
+
+
+def _positive_int(env: Mapping[str, str], variable: str) -> int:
+    value = env[variable]
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(f"{variable} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 # The prod names, computed from the same rule, so the branch guard cannot drift from it.

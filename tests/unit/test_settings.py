@@ -153,3 +153,12 @@ def test_a_job_started_outside_dagster_has_no_run_label():
     labels = prod().job_labels(asset="flight_delay_predictions", partition=None, run_id=None)
     assert "dagster_run_id" not in labels
     assert labels["partition"] == "none"
+
+
+def test_sensor_timing_from_the_environment():
+    settings = Settings.from_env(
+        {"ML_PLATFORM_SENSOR_INTERVAL_SECONDS": "5", "ML_PLATFORM_SENSOR_LOOKBACK_SECONDS": "900"}
+    )
+    assert (settings.sensor_interval_seconds, settings.sensor_lookback_seconds) == (5, 900)
+    with pytest.raises(SettingsError, match="ML_PLATFORM_SENSOR_INTERVAL_SECONDS"):
+        Settings.from_env({"ML_PLATFORM_SENSOR_INTERVAL_SECONDS": "0"})
