@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dagster as dg
 
+from ml_platform.alerting import build_alerting
 from ml_platform.assets.dbt import build_dbt_assets
 from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
 from ml_platform.assets.predictions import build_predictions_asset
 from ml_platform.resources.backends import build_resources
+from ml_platform.schedules import build_schedules
 from ml_platform.sensors import REPORTING_JOB, build_completion_sensor
 from ml_platform.settings import Settings, get_settings
 
@@ -40,11 +42,13 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         | dg.AssetSelection.checks_for_assets(predictions),
         description="Test the predictions and rebuild the dbt reporting models over them.",
     )
+    alert_sensors, alerts = build_alerting(settings)
     return dg.Definitions(
         assets=[ingest, dbt_features, model, predictions, dbt_reporting],
         jobs=[training_job, predictions_job, reporting_job],
-        sensors=[build_completion_sensor(settings)],
-        resources=build_resources(settings),
+        schedules=build_schedules(predictions_job),
+        sensors=[build_completion_sensor(settings), *alert_sensors],
+        resources={**build_resources(settings), "alerts": alerts},
         # Locally, steps run one after another in the run's own process: the warehouse
         # takes one writer at a time anyway, and each step process would pay the code
         # location's import again.

@@ -90,10 +90,11 @@ class Settings:
     template_tag: str = "latest"
     component_image: str = "ml-platform:local"
     # Alerts: posted to Slack when a token is configured, else only logged.
-    slack_token: str | None = None
+    slack_token: str | None = field(default=None, repr=False)
     slack_channel: str = "#ml-platform-alerts"
-    # Where people open the Dagster UI (links in alerts).
-    dagster_ui_url: str = "http://127.0.0.1:3000"
+    # Where people open the Dagster UI (links in alerts): `dagster dev` locally; on
+    # Dagster+ the organisation's URL and the deployment (None: alerts carry no link).
+    dagster_ui_url: str | None = "http://127.0.0.1:3000"
     # How often the completion sensor looks for ended pipeline jobs, and how far back
     # before the newest end it has seen (an end time can be recorded late).
     sensor_interval_seconds: int = 30
@@ -268,7 +269,6 @@ class Settings:
             "component_image": env.get("ML_PLATFORM_COMPONENT_IMAGE"),
             "slack_token": env.get("ML_PLATFORM_SLACK_TOKEN"),
             "slack_channel": env.get("ML_PLATFORM_SLACK_CHANNEL"),
-            "dagster_ui_url": env.get("ML_PLATFORM_DAGSTER_UI_URL"),
             "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
         }
@@ -293,7 +293,20 @@ class Settings:
             pull_request_id=env.get("DAGSTER_CLOUD_PULL_REQUEST_ID") or None,
             data_dir=Path(data_dir).resolve() if data_dir else PROJECT_DIR / "data",
             **{key: value for key, value in optional.items() if value},
+            dagster_ui_url=_dagster_ui_url(env, deployment, deployment_name),
         )
+
+
+def _dagster_ui_url(
+    env: Mapping[str, str], deployment: Deployment, deployment_name: str | None
+) -> str | None:
+    if env.get("ML_PLATFORM_DAGSTER_UI_URL"):
+        return env["ML_PLATFORM_DAGSTER_UI_URL"]
+    if deployment is Deployment.LOCAL:
+        return "http://127.0.0.1:3000"
+    # Never a localhost link in a cloud alert: the org's URL and the deployment, or none.
+    org = env.get("ML_PLATFORM_DAGSTER_ORG_URL")  # e.g. https://acme.dagster.cloud
+    return f"{org.rstrip('/')}/{deployment_name}" if org and deployment_name else None
 
 
 def _positive_int(env: Mapping[str, str], variable: str) -> int:

@@ -6,7 +6,6 @@ from typing import Any
 
 from dagster_dbt import DbtCliResource
 
-from ml_platform.resources.alerts import LogAlerts
 from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
 from ml_platform.resources.artifacts import GcsArtifactStore, LocalArtifactStore
 from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
@@ -18,7 +17,8 @@ from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
-    """The resources of one deployment: warehouse, pipeline runner, templates and dbt."""
+    """The resources of one deployment: warehouse, pipeline runner, templates, artifacts and
+    dbt (the alert channel is chosen with the alert sensors, in ml_platform/alerting.py)."""
     dbt = DbtCliResource(
         project_dir=str(DBT_PROJECT_DIR),
         target=settings.dbt_target,
@@ -33,7 +33,6 @@ def build_resources(settings: Settings) -> dict[str, Any]:
                 settings.job_store_path, settings.pipeline_root, templates
             ),
             "artifacts": LocalArtifactStore(settings.pipeline_root),
-            "alerts": LogAlerts(),
             "dbt": dbt,
         }
     # Branch and prod: Google Cloud. Nothing here calls Google; clients are made on first use.
@@ -47,6 +46,5 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "templates": templates,
         "pipeline_runner": VertexPipelineRunner.from_settings(settings, templates),
         "artifacts": GcsArtifactStore(settings.pipeline_root, project=settings.gcp_project),
-        "alerts": LogAlerts(),
         "dbt": dbt,
     }

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -59,6 +60,19 @@ BRANCH = {
     "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
     "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
 }
+
+
+def test_slack_alerts_only_with_a_token(local_settings):
+    from ml_platform.resources.alerts import LogAlerts
+    from ml_platform.resources.slack_alerts import SlackAlerts
+
+    quiet = build_definitions(local_settings)
+    assert {s.name for s in quiet.sensors} == {"pipeline_job_completion"}
+    assert isinstance(quiet.resources["alerts"], LogAlerts)
+    loud = build_definitions(dataclasses.replace(local_settings, slack_token="xoxb-test"))
+    assert "slack_on_run_failure" in {s.name for s in loud.sensors}
+    assert isinstance(loud.resources["alerts"], SlackAlerts)
+    assert {s.name for s in loud.schedules} == {"score_flights_daily"}
 
 
 def test_a_branch_deployment_gets_the_google_cloud_backends():

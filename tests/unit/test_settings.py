@@ -162,3 +162,11 @@ def test_sensor_timing_from_the_environment():
     assert (settings.sensor_interval_seconds, settings.sensor_lookback_seconds) == (5, 900)
     with pytest.raises(SettingsError, match="ML_PLATFORM_SENSOR_INTERVAL_SECONDS"):
         Settings.from_env({"ML_PLATFORM_SENSOR_INTERVAL_SECONDS": "0"})
+
+
+def test_alert_links_never_point_a_cloud_deployment_at_localhost():
+    assert Settings.from_env({}).dagster_ui_url == "http://127.0.0.1:3000"
+    assert prod().dagster_ui_url is None
+    org = {"ML_PLATFORM_DAGSTER_ORG_URL": "https://acme.dagster.cloud"}
+    assert branch("42", **org).dagster_ui_url == "https://acme.dagster.cloud/pr-42"
+    assert "xoxb" not in repr(Settings.from_env({"ML_PLATFORM_SLACK_TOKEN": "xoxb-secret"}))
