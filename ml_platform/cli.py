@@ -12,7 +12,7 @@ import sys
 from datetime import date, timedelta
 from pathlib import Path
 
-from ml_platform.settings import Settings, get_settings
+from ml_platform.settings import Settings, SettingsError, get_settings
 
 REPORTING_TABLES = ("daily_delay_report", "carrier_route_risk", "prediction_calibration")
 
@@ -198,6 +198,25 @@ def list_command(settings: Settings, args) -> int:
     return 0
 
 
+def cleanup_command(settings: Settings, args) -> int:
+    """Drop what a pull request's branch deployment wrote: its BigQuery datasets and its
+    GCS prefix. The names come from Settings, whose guard never yields a prod dataset."""
+    from ml_platform.resources.artifacts import GcsArtifactStore
+    from ml_platform.resources.backends import build_resources
+
+    if settings.is_local:
+        raise SystemExit("branch cleanup needs the Google Cloud settings (see README)")
+    branch = settings.for_pull_request(args.pull_request)
+    warehouse = build_resources(branch)["warehouse"]
+    for dataset in branch.datasets.values():
+        dropped = warehouse.drop_dataset(dataset)
+        print(f"dataset {dataset}: {'dropped' if dropped else 'not found'}")
+    artifacts = GcsArtifactStore(branch.gcs_artifact_root, project=branch.gcp_project)
+    deleted = artifacts.delete_prefix(branch.storage_prefix)
+    print(f"{branch.pipeline_root}: {deleted} objects deleted")
+    return 0
+
+
 class _PrintLog:
     def info(self, msg: str) -> None:
         print(msg, flush=True)
@@ -236,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     list_.add_argument("--pipeline", **names)
     list_.add_argument("--state", action="append", choices=[s.name for s in _job_states()])
     list_.add_argument("--limit", type=int, default=20)
+    branch = commands.add_parser("branch", help="branch deployments of pull requests")
+    branch_actions = branch.add_subparsers(dest="action", required=True)
+    cleanup = branch_actions.add_parser("cleanup", help="drop a closed pull request's data")
+    cleanup.add_argument("--pull-request", required=True, help="the pull request number")
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "materialize":
@@ -247,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         "publish": publish_command,
         "run": run_command,
         "list": list_command,
+        "cleanup": cleanup_command,
     }
-    return handlers[args.action](settings, args)
+    try:
+        return handlers[args.action](settings, args)
+    except SettingsError as error:  # a clear message, not a traceback
+        raise SystemExit(f"ml-platform: {error}") from error
 
 
 def _job_states():

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from enum import StrEnum
 from functools import cache
@@ -166,7 +166,12 @@ class Settings:
         """Where pipeline artifacts go: a local folder, or a GCS prefix per deployment."""
         if self.is_local:
             return str(self.data_dir / "pipeline_root")
-        return f"gs://{self.gcs_bucket}/pipeline_root/{self.storage_prefix}"
+        return f"{self.gcs_artifact_root}/{self.storage_prefix}"
+
+    @property
+    def gcs_artifact_root(self) -> str:
+        """Every deployment's pipeline roots live under it (prod, branch/pr-N)."""
+        return f"gs://{self.gcs_bucket}/pipeline_root"
 
     @property
     def storage_prefix(self) -> str:
@@ -235,6 +240,11 @@ class Settings:
             if self.bigquery_api_endpoint:
                 dbt_vars["bigquery_api_endpoint"] = self.bigquery_api_endpoint
         return dbt_vars
+
+    def for_pull_request(self, pull_request_id: str) -> Settings:
+        """The settings of the branch deployment of a pull request (for cleaning up after
+        it from CI, where the environment describes another deployment)."""
+        return replace(self, deployment=Deployment.BRANCH, pull_request_id=str(pull_request_id))
 
     # -- construction ------------------------------------------------------------------
 

@@ -543,6 +543,29 @@ class BigQueryWarehouse(Warehouse):
         with self._errors(f"looking up {dataset}.{table}"):
             return self._get_table(dataset, table) is not None
 
+    def drop_dataset(self, dataset: str) -> bool:
+        from google.api_core.exceptions import NotFound
+
+        check_identifier(dataset)
+        client = self._client()
+        with self._errors(f"dropping dataset {dataset}"):
+            try:
+                client.get_dataset(
+                    f"{self.project}.{dataset}",
+                    retry=self._api_retry(),
+                    timeout=self.request_timeout,
+                )
+            except NotFound:
+                return False
+            client.delete_dataset(
+                f"{self.project}.{dataset}",
+                delete_contents=True,
+                not_found_ok=True,
+                retry=self._api_retry(),
+                timeout=self.request_timeout,
+            )
+        return True
+
 
 # -- conversions -----------------------------------------------------------------------
 

@@ -78,6 +78,11 @@ class Warehouse(ABC):
     @abstractmethod
     def table_exists(self, dataset: str, table: str) -> bool: ...
 
+    @abstractmethod
+    def drop_dataset(self, dataset: str) -> bool:
+        """Drop a dataset and everything in it; False if there was none (a closed pull
+        request's datasets are dropped this way)."""
+
 
 def _check_partition(data: pa.Table, table: str, column: str, value: date) -> None:
     if column not in data.column_names:
@@ -217,6 +222,18 @@ class DuckDBWarehouse(Warehouse):
             return False
         with self.connect(read_only=True) as connection:
             return self._exists(connection, dataset, table)
+
+    def drop_dataset(self, dataset: str) -> bool:
+        check_identifier(dataset)
+        if not self.path.exists():
+            return False
+        with self._transaction() as connection:
+            found = connection.execute(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = ?",
+                [dataset],
+            ).fetchone()[0]
+            connection.execute(f"DROP SCHEMA IF EXISTS {dataset} CASCADE")
+        return found > 0
 
     @staticmethod
     def _exists(connection: duckdb.DuckDBPyConnection, dataset: str, table: str) -> bool:
