@@ -1,0 +1,59 @@
+from datetime import date
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from ml_platform.resources.warehouse import DuckDBWarehouse, WarehouseError, open_warehouse
+
+DAY, OTHER = date(2013, 10, 1), date(2013, 10, 2)
+
+
+def rows(day: date, n: int) -> pa.Table:
+    return pa.table({"flight_key": [f"k{i}" for i in range(n)], "flight_date": [day] * n})
+
+
+def test_a_day_is_replaced_whole_and_other_days_stay(tmp_path: Path):
+    warehouse = open_warehouse(DuckDBWarehouse(tmp_path / "w.duckdb").uri)
+    warehouse.replace_partition("p", "t", "flight_date", DAY, rows(DAY, 3))
+    warehouse.replace_partition("p", "t", "flight_date", OTHER, rows(OTHER, 2))
+    warehouse.replace_partition("p", "t", "flight_date", DAY, rows(DAY, 5))
+    assert warehouse.row_count("p", "t", column="flight_date", value=DAY) == 5
+    assert warehouse.row_count("p", "t", column="flight_date", value=OTHER) == 2
+
+
+def test_rows_of_another_day_are_refused_before_any_write(tmp_path: Path):
+    warehouse = DuckDBWarehouse(tmp_path / "w.duckdb")
+    warehouse.replace_partition("p", "t", "flight_date", DAY, rows(DAY, 3))
+    mixed = pa.concat_tables([rows(DAY, 1), rows(OTHER, 1)])
+    with pytest.raises(WarehouseError, match=r"p\.t partition flight_date=2013-10-01 carry"):
+        warehouse.replace_partition("p", "t", "flight_date", DAY, mixed)
+    assert warehouse.row_count("p", "t") == 3
+
+
+def test_rows_that_do_not_fit_the_table_roll_back(tmp_path: Path):
+    warehouse = DuckDBWarehouse(tmp_path / "w.duckdb")
+    warehouse.replace_partition("p", "t", "flight_date", DAY, rows(DAY, 3))
+    wrong = rows(DAY, 2).append_column("extra", pa.array([1, 2]))
+    with pytest.raises(WarehouseError, match=r"rows do not fit p\.t"):
+        warehouse.replace_partition("p", "t", "flight_date", DAY, wrong)
+    assert warehouse.row_count("p", "t", column="flight_date", value=DAY) == 3  # not deleted
+
+
+def test_missing_tables_and_dropping_datasets(tmp_path: Path):
+    warehouse = DuckDBWarehouse(tmp_path / "w.duckdb")
+    assert warehouse.row_count("p", "t") == 0 and not warehouse.table_exists("p", "t")
+    with pytest.raises(WarehouseError, match="does not exist yet"):
+        warehouse.read_table("p", "t")
+    warehouse.replace_table("p", "t", rows(DAY, 1))
+    with pytest.raises(WarehouseError, match=r"table p\.missing does not exist"):
+        warehouse.read_table("p", "missing")
+    assert warehouse.drop_dataset("p") is True
+    assert warehouse.drop_dataset("p") is False
+    assert not warehouse.table_exists("p", "t")
+
+
+@pytest.mark.parametrize("name", ["x; drop table y", "a.b", "1abc", ""])
+def test_only_plain_identifiers_reach_sql(tmp_path: Path, name: str):
+    with pytest.raises(WarehouseError, match="not a plain SQL identifier"):
+        DuckDBWarehouse(tmp_path / "w.duckdb").row_count(name, "t")
