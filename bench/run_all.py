@@ -5,5 +5,10 @@ import sys
 from pathlib import Path
 
 here = Path(__file__).parent
-for script in ("p1_import_cost.py", "p2_materialize.py", "p4_vertex_polling.py"):
+for script in (
+    "p1_import_cost.py",
+    "p2_materialize.py",
+    "p3_sensor_tick.py",
+    "p4_vertex_polling.py",
+):
     subprocess.run([sys.executable, str(here / script)], check=True, cwd=here)

@@ -111,7 +111,7 @@ def beats_baseline(job: PipelineJob) -> bool:
 def latest_good_model(settings: Settings, runner: PipelineRunner) -> PipelineJob:
     """The newest training job of this deployment that succeeded and beat its baseline."""
     succeeded = runner.list_jobs(
-        labels={"deployment": settings.labels["deployment"], "asset": MODEL_ASSET},
+        labels={**settings.labels, "asset": MODEL_ASSET},  # this deployment (and PR) only
         states=[JobState.SUCCEEDED],
     )
     # A listing may carry no outputs (Vertex's list view): read each candidate, newest first.

@@ -142,6 +142,9 @@ def handle_job(
         context.log.info(f"ignoring {job.job_id}: pipeline {job.pipeline!r} is not ours")
         return True
     if job.state is not JobState.SUCCEEDED:
+        if not started_by:
+            # A listing may lack the failing task's own error (Vertex's list view).
+            job = runner.get(job.job_id) or job
         context.log.error(f"{job.describe()}; no reporting refresh")
         if not started_by:  # a Dagster run reports its own failure (and alerts on it)
             alerts.send(
@@ -223,9 +226,21 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
         tick = Tick()
         now = datetime.now(UTC).timestamp()
         for job in sorted(ended.values(), key=lambda job: (job.end_time, job.job_id)):
-            done = handle_job(
-                context, job, tick, runner=pipeline_runner, artifacts=artifacts, alerts=alerts
-            )
+            try:
+                done = handle_job(
+                    context, job, tick, runner=pipeline_runner, artifacts=artifacts, alerts=alerts
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                # A job this code cannot read (say, from an older template) must not stop
+                # every later tick: report it and go on. API errors still fail the tick,
+                # which is retried with the same cursor.
+                context.log.exception(f"{job.job_id}: cannot record it")
+                alerts.send(
+                    f"Pipeline job not recorded: {job.job_id}",
+                    f"{type(error).__name__}: {error}",
+                    job.links,
+                )
+                done = True
             if done:
                 cursor.mark_handled(job)
             elif now - job.end_time.timestamp() > MAX_PENDING_SECONDS:

@@ -98,7 +98,7 @@ class Settings:
     # How often the completion sensor looks for ended pipeline jobs, and how far back
     # before the newest end it has seen (an end time can be recorded late).
     sensor_interval_seconds: int = 30
-    sensor_lookback_seconds: int = 3600
+    sensor_lookback_seconds: int = 900
     # The Dagster instance the main command records its runs in (and `dagster dev` shows).
     dagster_home: Path = PROJECT_DIR / "dagster_home"
     # Model and scoring defaults (the same in every deployment).
