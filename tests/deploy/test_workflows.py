@@ -1,0 +1,825 @@
+"""The GitHub Actions workflows (.github/workflows/*.yml): linted, and the promises they keep.
+
+- actionlint finds nothing: expressions and contexts, action inputs, runner labels, actions on
+  deprecated runtimes, and the `run:` scripts through shellcheck where shellcheck is installed.
+- check-jsonschema validates every file against its vendored GitHub workflow schema.
+- Security: every job declares its permissions and writes only what it must; `id-token: write`
+  exactly in the jobs that use OIDC, whose steps take no keys; the only secrets are the
+  Dagster+ API token and GITHUB_TOKEN; every action is pinned to a version tag or a commit.
+- Behaviour, by simulating which jobs run for each event (their triggers and job-level `if:`s,
+  evaluated): tests on every push and pull request, running exactly the README's test command;
+  prod deploys on main; a branch deployment and its smoke run for a pull request (not from a
+  fork); the branch data cleanup only when a pull request closes; templates on version tags.
+- Wiring: the deploy follows dagster-cloud-action's Hybrid sequence and hands the `ci`
+  commands a rendered dagster_cloud.yaml that gets every variable it reads; the smoke run's
+  job, assets and config are valid for the code location's own definitions; the steps that run
+  `ml-platform` resolve, through Settings, to the deployment they act for; uv and the
+  dagster-cloud action are the versions the Makefile and uv.lock pin.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+
+from ml_platform.settings import DATASETS, Deployment, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = ROOT / ".github" / "workflows"
+WORKFLOW_PATHS = sorted([*WORKFLOWS_DIR.glob("*.yml"), *WORKFLOWS_DIR.glob("*.yaml")])
+BIN = Path(sys.executable).parent
+
+# What the repository's settings provide (Settings > Secrets and variables > Actions); the
+# header of deploy.yml lists them.
+SECRETS = {"DAGSTER_CLOUD_API_TOKEN", "GITHUB_TOKEN"}
+VARIABLE_VALUES = {
+    "DAGSTER_CLOUD_ORGANIZATION": "acme",
+    "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/github-deploy",
+    "AWS_REGION": "eu-west-1",
+    "ECR_REPOSITORY_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ml-platform",
+    "CODE_LOCATION_TASK_ROLE_ARN": "arn:aws:iam::123456789012:role/ml-platform-code-location",
+    "GCP_CREDENTIAL_CONFIG_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:x",
+    "SLACK_TOKEN_SECRET_ARN": "",
+    "GCP_WORKLOAD_IDENTITY_PROVIDER": "projects/1/locations/global/workloadIdentityPools/gh/"
+    "providers/gh",
+    "GCP_SERVICE_ACCOUNT": "ci@acme-ml.iam.gserviceaccount.com",
+    "COMPONENT_IMAGE_REPOSITORY": "europe-west4-docker.pkg.dev/acme-ml/images/components",
+    "ML_PLATFORM_GCP_PROJECT": "acme-ml",
+    "ML_PLATFORM_GCP_REGION": "europe-west4",
+    "ML_PLATFORM_BIGQUERY_LOCATION": "EU",
+    "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
+    "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipelines",
+    "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "",
+}
+PR_NUMBER = 7
+HEAD_SHA = "0123456789abcdef0123456789abcdef01234567"
+DIGEST = "sha256:" + "e" * 64
+# Stand-ins for the expressions that are not `github.*` (those are evaluated per event).
+STAND_INS = {
+    **{f"vars.{name}": value for name, value in VARIABLE_VALUES.items()},
+    "secrets.DAGSTER_CLOUD_API_TOKEN": "agent:acme:0123",
+    "github.token": "ghs_0123",
+    "steps.components.outputs.digest": DIGEST,
+    "needs.deploy.outputs.deployment": "split-the-split",
+    "needs.deploy.outputs.url": "https://acme.dagster.cloud",
+    "runner.temp": "/runner/temp",
+}
+
+DAGSTER_CLOUD_ACTION = "dagster-io/dagster-cloud-action"
+OIDC_ACTIONS = ("aws-actions/configure-aws-credentials", "google-github-actions/auth")
+# The only scopes a job may write, each where it is needed: OIDC tokens, and the Dagster+
+# status comment on a pull request.
+WRITABLE_SCOPES = {"id-token", "pull-requests"}
+LONG_LIVED_KEYS = re.compile(
+    r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|aws-access-key-id|aws-secret-access-key"
+    r"|credentials_json|GOOGLE_CREDENTIALS|_json_key|service_account_key",
+    re.IGNORECASE,
+)
+VERSION_REF = re.compile(r"v\d+(\.\d+){0,2}(-pinned)?")
+SHA_REF = re.compile(r"[0-9a-f]{40}")
+
+
+# -- reading the workflows -------------------------------------------------------------------
+
+
+def load_workflow(path: Path) -> dict[str, Any]:
+    workflow = yaml.safe_load(path.read_text())
+    # YAML 1.1 (PyYAML) reads the key `on` as the boolean True.
+    if True in workflow:
+        workflow["on"] = workflow.pop(True)
+    on = workflow["on"]
+    if isinstance(on, str):
+        on = [on]
+    if isinstance(on, list):
+        on = dict.fromkeys(on)
+    workflow["on"] = {event: config or {} for event, config in on.items()}
+    return workflow
+
+
+WORKFLOWS = {path.name: load_workflow(path) for path in WORKFLOW_PATHS}
+
+
+def all_jobs() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for name, workflow in WORKFLOWS.items():
+        for job_id, job in workflow["jobs"].items():
+            yield name, job_id, job
+
+
+def steps_of(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return job.get("steps", [])
+
+
+def needs_of(job: dict[str, Any]) -> list[str]:
+    needs = job.get("needs", [])
+    return [needs] if isinstance(needs, str) else list(needs)
+
+
+def action_of(step: dict[str, Any]) -> str:
+    """`owner/repo[/path]` of a `uses:` step, without the ref; '' for a `run:` step."""
+    return step.get("uses", "").split("@")[0]
+
+
+def uses_action(job: dict[str, Any], prefix: str) -> bool:
+    return any(action_of(step).startswith(prefix) for step in steps_of(job))
+
+
+def command_of(step: dict[str, Any]) -> str:
+    """The dagster-cloud command a dagster-cloud-cli step runs, on one line; '' otherwise."""
+    if action_of(step) != f"{DAGSTER_CLOUD_ACTION}/actions/utils/dagster-cloud-cli":
+        return ""
+    return " ".join(step["with"]["command"].split())
+
+
+def scripts_of(job: dict[str, Any]) -> list[str]:
+    return [step["run"] for step in steps_of(job) if "run" in step]
+
+
+def readme_test_command() -> str:
+    """The test command of the README's "Two commands" block (the text before its comment)."""
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", readme, re.DOTALL):
+        for line in block.splitlines():
+            command = line.split("#", 1)[0].strip()
+            if command.startswith("make test"):
+                return command
+    raise AssertionError("README.md shows no `make test` command")
+
+
+def makefile_uv_version() -> str:
+    match = re.search(r"^UV_VERSION\s*:?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "the Makefile pins no UV_VERSION"
+    return match.group(1)
+
+
+def locked_version(package: str) -> str:
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    return next(p["version"] for p in lock["package"] if p["name"] == package)
+
+
+def code_location_name() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dagster"][
+        "code_location_name"
+    ]
+
+
+# -- GitHub expressions and events -----------------------------------------------------------
+
+
+class Expression:
+    """Evaluates the GitHub Actions expressions the workflows use in `if:` and `env:`: paths
+    into the `github` context, string literals, ==, !=, !, &&, || (which, as in GitHub, yield
+    an operand, not a boolean), parentheses, true/false/null, and the status functions (a job
+    evaluated here has been reached, so success() and always() are true)."""
+
+    TOKEN = re.compile(
+        r"\s*(?:(?P<op>\|\||&&|==|!=|!|\(|\))|'(?P<string>(?:[^']|'')*)'"
+        r"|(?P<name>[A-Za-z_][\w.-]*)(?P<call>\(\))?)"
+    )
+    STATUS: ClassVar[dict[str, bool]] = {
+        "success": True,
+        "always": True,
+        "failure": False,
+        "cancelled": False,
+    }
+
+    def __init__(self, text: str, github: dict[str, Any]) -> None:
+        text = text.strip()
+        if text.startswith("${{") and text.endswith("}}"):
+            text = text[3:-2].strip()
+        self.tokens: list[tuple[str, Any]] = []
+        position = 0
+        while position < len(text):
+            match = self.TOKEN.match(text, position)
+            assert match and match.end() > position, f"cannot read {text[position:]!r}"
+            position = match.end()
+            if match["op"]:
+                self.tokens.append(("op", match["op"]))
+            elif match["string"] is not None:
+                self.tokens.append(("value", match["string"].replace("''", "'")))
+            elif match["call"]:
+                self.tokens.append(("value", self.STATUS[match["name"]]))
+            else:
+                self.tokens.append(("value", self._lookup(match["name"], github)))
+        self.position = 0
+
+    @staticmethod
+    def _lookup(name: str, github: dict[str, Any]) -> Any:
+        literals = {"true": True, "false": False, "null": None}
+        if name in literals:
+            return literals[name]
+        context, *path = name.split(".")
+        assert context == "github", f"no stand-in for the {context} context"
+        value: Any = github
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def evaluate(self) -> Any:
+        value = self._or()
+        assert self.position == len(self.tokens), "trailing tokens"
+        return value
+
+    def _take(self, op: str) -> bool:
+        if self.position < len(self.tokens) and self.tokens[self.position] == ("op", op):
+            self.position += 1
+            return True
+        return False
+
+    def _or(self) -> Any:
+        value = self._and()
+        while self._take("||"):
+            right = self._and()
+            value = value or right
+        return value
+
+    def _and(self) -> Any:
+        value = self._not()
+        while self._take("&&"):
+            right = self._not()
+            value = value and right
+        return value
+
+    def _not(self) -> Any:
+        return not self._not() if self._take("!") else self._comparison()
+
+    def _comparison(self) -> Any:
+        left = self._atom()
+        if self._take("=="):
+            return left == self._atom()
+        if self._take("!="):
+            return left != self._atom()
+        return left
+
+    def _atom(self) -> Any:
+        if self._take("("):
+            value = self._or()
+            assert self._take(")"), "unbalanced parentheses"
+            return value
+        kind, value = self.tokens[self.position]
+        assert kind == "value", f"unexpected {value!r}"
+        self.position += 1
+        return value
+
+
+def resolve(text: str, github: dict[str, Any]) -> str:
+    """``text`` with each `${{ ... }}` replaced: stand-ins first, else evaluated."""
+
+    def value(match: re.Match[str]) -> str:
+        expression = match.group(1).strip()
+        if expression in STAND_INS:
+            return STAND_INS[expression]
+        result = Expression(expression, github).evaluate()
+        if isinstance(result, bool):
+            return str(result).lower()
+        return "" if result is None else str(result)
+
+    return re.sub(r"\$\{\{(.*?)\}\}", value, text)
+
+
+REPOSITORY = "acme/ml-platform"
+
+
+def push(ref: str) -> dict[str, Any]:
+    return {
+        "event_name": "push",
+        "ref": ref,
+        "ref_name": ref.split("/", 2)[2],
+        "sha": HEAD_SHA,
+        "run_id": "123456789",
+        "repository": REPOSITORY,
+        "event": {},
+    }
+
+
+def pull_request(action: str, *, fork: bool = False) -> dict[str, Any]:
+    head = "someone/ml-platform" if fork else REPOSITORY
+    return {
+        "event_name": "pull_request",
+        "ref": f"refs/pull/{PR_NUMBER}/merge",
+        "ref_name": f"{PR_NUMBER}/merge",
+        "sha": "f" * 40,  # the merge commit GitHub made
+        "run_id": "123456789",
+        "repository": REPOSITORY,
+        "event": {
+            "action": action,
+            "pull_request": {
+                "number": PR_NUMBER,
+                "head": {"sha": HEAD_SHA, "repo": {"full_name": head}},
+                "base": {"ref": "main"},
+            },
+        },
+    }
+
+
+def is_triggered(workflow: dict[str, Any], github: dict[str, Any]) -> bool:
+    on, event = workflow["on"], github["event_name"]
+    if event not in on:
+        return False
+    config = on[event]
+    if event == "pull_request":
+        types = config.get("types", ["opened", "synchronize", "reopened"])
+        return github["event"]["action"] in types
+    branches, tags = config.get("branches"), config.get("tags")
+    if branches is None and tags is None:
+        return True
+    kind, _, name = github["ref"].removeprefix("refs/").partition("/")
+    patterns = branches if kind == "heads" else tags
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def jobs_that_run(workflow: dict[str, Any], github: dict[str, Any]) -> set[str]:
+    if not is_triggered(workflow, github):
+        return set()
+    ran: dict[str, bool] = {}
+    pending = dict(workflow["jobs"])
+    while pending:
+        for job_id, job in list(pending.items()):
+            needs = needs_of(job)
+            if not all(need in ran for need in needs):
+                continue
+            condition = str(job.get("if", "success()"))
+            # Without a status function GitHub adds success(): a job whose needs did not
+            # run is skipped.
+            has_status = re.search(r"\b(success|always|failure|cancelled)\(\)", condition)
+            reached = bool(has_status) or all(ran[need] for need in needs)
+            ran[job_id] = reached and bool(Expression(condition, github).evaluate())
+            del pending[job_id]
+    return {job_id for job_id, did_run in ran.items() if did_run}
+
+
+def role_of(job: dict[str, Any]) -> str | None:
+    """What a job is for, recognised by what it runs (not by its name)."""
+    commands = [command_of(step) for step in steps_of(job)]
+    scripts = "\n".join(scripts_of(job))
+    if "ml-platform branch cleanup" in scripts:
+        return "cleanup"
+    if any(command.startswith("ci deploy") for command in commands):
+        return "deploy"
+    if "ml-platform pipelines publish" in scripts:
+        return "publish"
+    if any(command.startswith("job launch") for command in commands):
+        return "smoke"
+    if uses_action(job, f"{DAGSTER_CLOUD_ACTION}/actions/utils/prerun"):
+        return "close branch deployment"
+    if any(script.strip() == readme_test_command() for script in scripts_of(job)):
+        return "tests"
+    return None
+
+
+def job_with_role(role: str) -> tuple[str, dict[str, Any]]:
+    (found,) = [(name, job) for name, _, job in all_jobs() if role_of(job) == role]
+    return found
+
+
+def step_env(role: str, step: dict[str, Any], github: dict[str, Any]) -> dict[str, str]:
+    """A step's environment (workflow, job and step `env:`), its expressions resolved."""
+    name, job = job_with_role(role)
+    env = {**WORKFLOWS[name].get("env", {}), **job.get("env", {}), **step.get("env", {})}
+    return {key: resolve(str(value), github) for key, value in env.items()}
+
+
+def step_running(role: str, text: str) -> dict[str, Any]:
+    _, job = job_with_role(role)
+    (step,) = [step for step in steps_of(job) if text in step.get("run", "")]
+    return step
+
+
+SCENARIOS = {
+    "push to main": (push("refs/heads/main"), {"tests", "deploy"}),
+    "push to a feature branch": (push("refs/heads/feature/split"), {"tests"}),
+    "version tag": (push("refs/tags/v1.2.0"), {"tests", "publish"}),
+    "pull request opened": (pull_request("opened"), {"tests", "deploy", "smoke"}),
+    "pull request updated": (pull_request("synchronize"), {"tests", "deploy", "smoke"}),
+    "pull request reopened": (pull_request("reopened"), {"tests", "deploy", "smoke"}),
+    "pull request closed": (pull_request("closed"), {"close branch deployment", "cleanup"}),
+    # No secrets or OIDC tokens for a fork's pull request: tested, never deployed.
+    "fork's pull request opened": (pull_request("opened", fork=True), {"tests"}),
+    "fork's pull request closed": (pull_request("closed", fork=True), set()),
+}
+
+
+# -- linters ---------------------------------------------------------------------------------
+
+
+def test_the_workflows_exist():
+    assert {"tests.yml", "deploy.yml", "publish-pipelines.yml"} <= set(WORKFLOWS)
+
+
+def test_actionlint_finds_nothing():
+    command = [str(BIN / "actionlint"), "-no-color"]
+    # actionlint checks `run:` scripts with shellcheck when it can find it (GitHub's runners
+    # have it); a shellcheck in the venv is used too.
+    shellcheck = shutil.which("shellcheck") or (
+        str(BIN / "shellcheck") if (BIN / "shellcheck").exists() else None
+    )
+    if shellcheck:
+        command.append(f"-shellcheck={shellcheck}")
+    result = subprocess.run(
+        [*command, *(str(path.relative_to(ROOT)) for path in WORKFLOW_PATHS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_workflows_match_the_github_workflow_schema():
+    result = subprocess.run(
+        [
+            str(BIN / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.github-workflows",
+            *map(str, WORKFLOW_PATHS),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- security --------------------------------------------------------------------------------
+
+
+def test_every_job_declares_minimal_permissions():
+    for name, workflow in WORKFLOWS.items():
+        # Jobs get nothing by default; each one says what it needs.
+        assert workflow.get("permissions") == {}, name
+    for name, job_id, job in all_jobs():
+        permissions = job.get("permissions")
+        assert isinstance(permissions, dict), f"{name}:{job_id} declares no permissions map"
+        assert set(permissions.values()) <= {"read", "write", "none"}, f"{name}:{job_id}"
+        written = {scope for scope, access in permissions.items() if access == "write"}
+        assert written <= WRITABLE_SCOPES, f"{name}:{job_id} writes {written - WRITABLE_SCOPES}"
+        comments = uses_action(job, f"{DAGSTER_CLOUD_ACTION}/actions/utils/ci-init") or any(
+            command_of(step).startswith("ci notify") for step in steps_of(job)
+        )
+        assert ("pull-requests" in written) == comments, f"{name}:{job_id}"
+
+
+def test_id_token_write_exactly_where_oidc_is_used():
+    for name, job_id, job in all_jobs():
+        oidc = any(uses_action(job, action) for action in OIDC_ACTIONS)
+        assert (job["permissions"].get("id-token") == "write") == oidc, f"{name}:{job_id}"
+
+
+def test_cloud_credentials_come_from_oidc_only():
+    for name, job_id, job in all_jobs():
+        for step in steps_of(job):
+            inputs = step.get("with", {})
+            if action_of(step) == "aws-actions/configure-aws-credentials":
+                assert inputs.get("role-to-assume") == "${{ vars.AWS_ROLE_ARN }}", job_id
+                assert not {"aws-access-key-id", "aws-secret-access-key"} & set(inputs), job_id
+            if action_of(step) == "google-github-actions/auth":
+                assert inputs.get("workload_identity_provider") == (
+                    "${{ vars.GCP_WORKLOAD_IDENTITY_PROVIDER }}"
+                ), f"{name}:{job_id}"
+                assert inputs.get("service_account") == "${{ vars.GCP_SERVICE_ACCOUNT }}"
+                assert "credentials_json" not in inputs, f"{name}:{job_id}"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_PATHS, ids=lambda path: path.name)
+def test_no_long_lived_keys_and_only_known_secrets_and_variables(path: Path):
+    text = path.read_text()
+    assert not LONG_LIVED_KEYS.findall(text)
+    assert set(re.findall(r"\bsecrets\.(\w+)", text)) <= SECRETS
+    assert set(re.findall(r"\bvars\.(\w+)", text)) <= set(VARIABLE_VALUES)
+
+
+def test_every_action_is_pinned_to_a_version_or_a_commit():
+    for name, job_id, job in all_jobs():
+        for step in steps_of(job):
+            if "uses" not in step or step["uses"].startswith("./"):
+                continue
+            action, _, ref = step["uses"].partition("@")
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", action), step["uses"]
+            assert VERSION_REF.fullmatch(ref) or SHA_REF.fullmatch(ref), (
+                f"{name}:{job_id}: {step['uses']} is not pinned to a version tag or a commit"
+            )
+
+
+def test_dagster_cloud_action_is_the_release_of_the_locked_dagster_cloud():
+    """The action bundles its own dagster-cloud CLI; its releases follow Dagster's (v1.13.27
+    is the CLI of dagster-cloud 1.13.27, the tag `dg scaffold github-actions` writes). At the
+    locked version, CI deploys with the CLI the code location is built with: bump both
+    together."""
+    refs = {
+        step["uses"].partition("@")[2]
+        for _, _, job in all_jobs()
+        for step in steps_of(job)
+        if action_of(step).startswith(DAGSTER_CLOUD_ACTION)
+    }
+    assert refs == {f"v{locked_version('dagster-cloud')}"}
+
+
+def test_setup_uv_installs_the_makefiles_uv():
+    versions = [
+        step["with"]["version"]
+        for _, _, job in all_jobs()
+        for step in steps_of(job)
+        if action_of(step) == "astral-sh/setup-uv"
+    ]
+    assert versions, "no workflow sets up uv"
+    assert set(versions) == {makefile_uv_version()}
+
+
+def test_every_workflow_serialises_its_runs_and_every_job_has_a_timeout():
+    for name, workflow in WORKFLOWS.items():
+        assert workflow["concurrency"]["group"], name
+    for name, job_id, job in all_jobs():
+        assert 0 < job["timeout-minutes"] <= 90, f"{name}:{job_id}"
+        # A pinned runner image: the test job relies on what the image ships.
+        assert not str(job["runs-on"]).endswith("-latest"), f"{name}:{job_id}"
+
+
+# -- which jobs run when ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_which_jobs_run_for_each_event(scenario: str):
+    github, expected = SCENARIOS[scenario]
+    roles = [
+        role_of(workflow["jobs"][job_id])
+        for workflow in WORKFLOWS.values()
+        for job_id in jobs_that_run(workflow, github)
+    ]
+    assert None not in roles, "a job with no recognised role runs"
+    assert sorted(roles) == sorted(expected)
+
+
+def test_the_test_workflow_runs_exactly_the_readme_test_command():
+    command = readme_test_command()
+    assert command == "make test"
+    workflow = WORKFLOWS["tests.yml"]
+    assert workflow["on"] == {"push": {}, "pull_request": {}}, "every push and pull request"
+    (job,) = workflow["jobs"].values()
+    scripts = [script.strip() for script in scripts_of(job)]
+    assert scripts.count(command) == 1
+    # Nothing else runs the linters or the suite: CI runs what a developer runs.
+    others = [script for script in scripts if script != command]
+    assert not [s for s in others if re.search(r"\b(pytest|ruff|uv (sync|run))\b", s)]
+
+
+def test_the_test_workflow_caches_uv_and_cancels_superseded_runs():
+    workflow = WORKFLOWS["tests.yml"]
+    group = workflow["concurrency"]["group"]
+    assert "github.event.pull_request.number || github.ref" in group
+    assert workflow["concurrency"]["cancel-in-progress"]
+    (job,) = workflow["jobs"].values()
+    caches = [step["with"] for step in steps_of(job) if action_of(step) == "actions/cache"]
+    assert len(caches) == 1
+    assert "~/.cache/uv" in caches[0]["path"].split()
+    assert "hashFiles('uv.lock'" in caches[0]["key"]
+
+
+# -- the deploy ------------------------------------------------------------------------------
+
+
+def deploy_sequence() -> list[str]:
+    """The deploy job's steps that matter, in order, by what they do."""
+    _, job = job_with_role("deploy")
+    sequence = []
+    for step in steps_of(job):
+        if command := command_of(step):
+            sequence.append(" ".join(command.split()[:2]))
+        elif action_of(step).endswith("/actions/utils/ci-init"):
+            sequence.append("ci init")
+        elif action_of(step) == "docker/build-push-action":
+            sequence.append(f"build {step['with']['target']}")
+        elif action_of(step) in (*OIDC_ACTIONS, "aws-actions/amazon-ecr-login"):
+            sequence.append(action_of(step))
+        elif "ml-platform pipelines publish" in step.get("run", ""):
+            sequence.append("publish templates")
+    return sequence
+
+
+def test_the_deploy_follows_the_hybrid_ci_sequence():
+    """dagster-cloud-action's Hybrid template: ci check, ci init, our own image build and
+    push, ci set-build-output, ci deploy; before it, the components image and the templates
+    this commit's code location will resolve; dagster_cloud.yaml rendered before any `ci`
+    command reads it."""
+    order = deploy_sequence().index
+    assert order("google-github-actions/auth") < order("build components")
+    assert order("build components") < order("publish templates") < order("ci template")
+    assert order("ci template") < order("ci check") < order("ci init")
+    assert order("aws-actions/amazon-ecr-login") < order("build code-location")
+    assert order("ci init") < order("build code-location") < order("ci set-build-output")
+    assert order("ci set-build-output") < order("ci deploy")
+
+
+def test_images_go_to_the_registries_the_variables_name():
+    registries = {
+        "code-location": "${{ vars.ECR_REPOSITORY_URI }}:",
+        "components": "${{ vars.COMPONENT_IMAGE_REPOSITORY }}:",
+    }
+    builds = [
+        step["with"]
+        for _, _, job in all_jobs()
+        for step in steps_of(job)
+        if action_of(step) == "docker/build-push-action"
+    ]
+    assert {inputs["target"] for inputs in builds} == set(registries)
+    for inputs in builds:
+        assert str(inputs["push"]).lower() == "true"
+        for tag in inputs["tags"].strip().splitlines():
+            assert tag.strip().startswith(registries[inputs["target"]]), tag
+
+
+def run_step(step: dict[str, Any], env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Run a bash step as the runner would; returns what it appended to $GITHUB_ENV."""
+    github_env = tmp_path / "github_env"
+    github_env.touch()
+    subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", step["run"]],
+        cwd=ROOT,
+        env={
+            "PATH": os.environ["PATH"],
+            **env,
+            "GITHUB_ENV": str(github_env),
+            "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"),
+        },
+        check=True,
+    )
+    return dict(line.split("=", 1) for line in github_env.read_text().splitlines())
+
+
+def deploy_environment(github: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    """The deploy job's environment once the tags and the components image are recorded."""
+    env = step_env("deploy", {}, github) | {"GITHUB_EVENT_NAME": github["event_name"]}
+    for text in ("IMAGE_TAG=", "ML_PLATFORM_COMPONENT_IMAGE="):
+        step = step_running("deploy", text)
+        env |= run_step(step, env | step_env("deploy", step, github), tmp_path)
+    return env
+
+
+def test_the_ci_commands_get_dagster_cloud_yaml_rendered_with_every_variable(
+    tmp_path: Path, monkeypatch
+):
+    """dagster_cloud.yaml is a Jinja template. `ci template` renders it, but `ci check` and
+    `ci init` read the file they are given as plain YAML (dagster-cloud 1.13), and
+    `ci set-build-output` and `ci deploy` read the file `ci init` recorded: they must all get
+    the rendered copy, rendered with every variable the template reads."""
+    from dagster_cloud_cli.config.jinja_template_loader import JinjaTemplateLoader
+    from dagster_cloud_cli.config.models import load_dagster_cloud_yaml
+
+    template = ROOT / "dagster_cloud.yaml"
+    if not template.exists():
+        pytest.skip("no dagster_cloud.yaml yet")
+    _, job = job_with_role("deploy")
+    (render,) = [s for s in steps_of(job) if command_of(s).startswith("ci template")]
+    rendered_path = command_of(render).split(">")[1].strip().strip('"')
+    (init,) = [s for s in steps_of(job) if action_of(s).endswith("/actions/utils/ci-init")]
+    assert resolve(init["with"]["dagster_cloud_yaml_path"], {}) == resolve(
+        rendered_path.replace("$RUNNER_TEMP", "${{ runner.temp }}"), {}
+    )
+    (check,) = [s for s in steps_of(job) if command_of(s).startswith("ci check")]
+    assert rendered_path in command_of(check)
+
+    github = push("refs/heads/main")
+    env = deploy_environment(github, tmp_path)
+    read = set(re.findall(r"get_env\(\s*'(\w+)'", template.read_text()))
+    assert read <= set(env), (
+        f"dagster_cloud.yaml reads variables the deploy lacks: {read - set(env)}"
+    )
+    for name in read:
+        monkeypatch.setenv(name, env[name])
+    (location,) = load_dagster_cloud_yaml(
+        JinjaTemplateLoader().render(str(template), context={})
+    ).locations
+    assert location.location_name == code_location_name()
+    assert WORKFLOWS["deploy.yml"]["env"]["LOCATION_NAME"] == location.location_name
+    assert location.build.registry == VARIABLE_VALUES["ECR_REPOSITORY_URI"]
+    container_env = dict(e.split("=", 1) for e in location.container_context["ecs"]["env_vars"])
+    # The code location resolves the templates this deploy published, built on its image.
+    assert container_env["ML_PLATFORM_TEMPLATE_TAG"] == f"sha-{HEAD_SHA[:12]}"
+    assert container_env["ML_PLATFORM_COMPONENT_IMAGE"] == (
+        f"{VARIABLE_VALUES['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("scenario", "deployment"),
+    [("push to main", Deployment.PROD), ("pull request opened", Deployment.BRANCH)],
+)
+def test_the_deploy_publishes_its_commits_templates_as_its_own_deployment(
+    scenario: str, deployment: Deployment, tmp_path: Path
+):
+    github, _ = SCENARIOS[scenario]
+    step = step_running("deploy", "ml-platform pipelines publish")
+    assert step["run"].strip().endswith('publish --tag "$ML_PLATFORM_TEMPLATE_TAG"')
+    env = deploy_environment(github, tmp_path) | step_env("deploy", step, github)
+    settings = Settings.from_env(env)
+    assert settings.deployment is deployment
+    assert settings.component_image == f"{VARIABLE_VALUES['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
+    assert settings.artifact_registry_url == "https://europe-west4-kfp.pkg.dev/acme-ml/pipelines"
+    if deployment is Deployment.BRANCH:
+        assert settings.pull_request_id == str(PR_NUMBER)
+
+
+def test_the_smoke_run_is_valid_for_the_code_locations_definitions(local_settings: Settings):
+    """The job, asset selection and run config the smoke step launches are checked against
+    the definitions as the server would (a multi-asset that cannot be subset, an op name, a
+    config field), so a rename breaks this test rather than every branch deployment."""
+    import dagster as dg
+
+    from ml_platform.definitions import build_definitions
+
+    name, job = job_with_role("smoke")
+    assert "deploy" in [role_of(WORKFLOWS[name]["jobs"][need]) for need in needs_of(job)]
+    (launch,) = [s for s in steps_of(job) if command_of(s).startswith("job launch")]
+    env = step_env("smoke", launch, pull_request("opened"))
+    words = shlex.split(launch["with"]["command"])
+    words = words[: words.index(">")] if ">" in words else words
+    options: dict[str, list[str]] = {}
+    for option, value in zip(words[2::2], words[3::2], strict=True):
+        options.setdefault(option, []).append(re.sub(r"\$(\w+)", lambda m: env[m[1]], value))
+    # `--wait` exits 0 even when the run fails (dagster-cloud 1.13); the next step polls.
+    assert "--wait" not in words
+    assert options["--deployment"] == [STAND_INS["needs.deploy.outputs.deployment"]]
+    assert options["--location"] == [code_location_name()]
+    assert json.loads(options["--tags"][0])["ci/smoke"] == "true"
+
+    defs = build_definitions(local_settings)
+    subset = defs.resolve_job_def(options["--job"][0]).get_subset(
+        asset_selection={dg.AssetKey(key.split("/")) for key in options["--asset-key"]}
+    )
+    dg.validate_run_config(subset, json.loads(options["--config-json"][0]))
+    # The ingest and the dbt source tests on its tables: nothing that starts a Vertex AI job.
+    assert set(subset.graph.node_names()) <= {"ingest_nycflights13", "dbt_features"}
+
+
+def test_the_smoke_run_is_awaited_and_terminated_if_abandoned():
+    _, job = job_with_role("smoke")
+    (wait,) = [script for script in scripts_of(job) if "runOrError" in script]
+    assert "SUCCESS)" in wait and "terminateRun" in wait
+    assert re.search(r"trap .*terminate.* INT TERM", wait)
+
+
+# -- cleanup and releases --------------------------------------------------------------------
+
+
+def test_the_cleanup_drops_exactly_the_pull_requests_branch_data():
+    github = pull_request("closed")
+    step = step_running("cleanup", "ml-platform branch cleanup")
+    env = step_env("cleanup", step, github)
+    assert step["run"].strip().endswith('--pull-request "$PR_NUMBER"')
+    assert env["PR_NUMBER"] == str(PR_NUMBER)
+    settings = Settings.from_env(env)
+    # The CLI runs as the PR's branch deployment: the names it drops are the PR's.
+    assert settings.deployment is Deployment.BRANCH
+    assert settings.pull_request_id == str(PR_NUMBER)
+    assert settings.datasets == {
+        logical: f"flights_{logical}_pr_{PR_NUMBER}" for logical in DATASETS
+    }
+    assert settings.pipeline_root == (
+        f"gs://{VARIABLE_VALUES['ML_PLATFORM_GCS_BUCKET']}/pipeline_root/branch/pr-{PR_NUMBER}"
+    )
+
+
+def test_templates_are_published_for_prod_naming_the_components_image_by_digest():
+    assert WORKFLOWS["publish-pipelines.yml"]["on"] == {"push": {"tags": ["v*"]}}
+    github = push("refs/tags/v1.2.0")
+    step = step_running("publish", "ml-platform pipelines publish")
+    assert '--tag "$TAG"' in step["run"] and "--tag latest" in step["run"]
+    # The image the build step pushed, by its digest (immutable), never by a tag.
+    assert step["env"]["ML_PLATFORM_COMPONENT_IMAGE"] == (
+        "${{ vars.COMPONENT_IMAGE_REPOSITORY }}@${{ steps.components.outputs.digest }}"
+    )
+    _, job = job_with_role("publish")
+    (build,) = [s for s in steps_of(job) if s.get("id") == "components"]
+    assert action_of(build) == "docker/build-push-action"
+    assert build["with"]["target"] == "components"
+    env = step_env("publish", step, github)
+    assert env["TAG"] == "v1.2.0"
+    settings = Settings.from_env(env)
+    assert settings.deployment is Deployment.PROD
+    assert settings.component_image.endswith(f"@{DIGEST}")
+
+
+def test_the_dockerfile_has_the_targets_the_workflows_build():
+    path = ROOT / "Dockerfile"
+    if not path.exists():
+        pytest.skip("no Dockerfile yet")
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", path.read_text(), re.IGNORECASE | re.M))
+    targets = {
+        step["with"]["target"]
+        for _, _, job in all_jobs()
+        for step in steps_of(job)
+        if action_of(step) == "docker/build-push-action"
+    }
+    assert targets == {"code-location", "components"}
+    assert targets <= stages
