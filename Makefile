@@ -16,6 +16,7 @@ run: install
 	$(UV) run ml-platform materialize
 
 test: install
+	scripts/ensure-chromium
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run pytest
