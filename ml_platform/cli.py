@@ -203,6 +203,7 @@ def cleanup_command(settings: Settings, args) -> int:
     GCS prefix. The names come from Settings, whose guard never yields a prod dataset."""
     from ml_platform.resources.artifacts import GcsArtifactStore
     from ml_platform.resources.backends import build_resources
+    from ml_platform.resources.google_credentials import google_credentials
 
     if settings.is_local:
         raise SystemExit("branch cleanup needs the Google Cloud settings (see README)")
@@ -211,7 +212,11 @@ def cleanup_command(settings: Settings, args) -> int:
     for dataset in branch.datasets.values():
         dropped = warehouse.drop_dataset(dataset)
         print(f"dataset {dataset}: {'dropped' if dropped else 'not found'}")
-    artifacts = GcsArtifactStore(branch.gcs_artifact_root, project=branch.gcp_project)
+    artifacts = GcsArtifactStore(
+        branch.gcs_artifact_root,
+        project=branch.gcp_project,
+        credentials=google_credentials(branch),
+    )
     deleted = artifacts.delete_prefix(branch.storage_prefix)
     print(f"{branch.pipeline_root}: {deleted} objects deleted")
     return 0

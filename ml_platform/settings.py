@@ -15,6 +15,7 @@ Deployments:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -43,6 +44,10 @@ class SettingsError(ValueError):
     """The environment describes a deployment that cannot be run safely."""
 
 
+# The workload identity federation credential configuration (deploy/gcp/README.md).
+GCP_CREDENTIAL_CONFIG_VARIABLE = "ML_PLATFORM_GCP_CREDENTIAL_CONFIG"
+
+
 class Deployment(StrEnum):
     LOCAL = "local"
     BRANCH = "branch"
@@ -61,6 +66,33 @@ def sanitize_label_key(value: str) -> str:
     if not cleaned or not cleaned[0].isalpha():
         cleaned = f"k_{cleaned}"
     return cleaned[:_LABEL_MAX]
+
+
+@dataclass(frozen=True)
+class EcsTaskRole:
+    """Where ECS serves the task role's credentials, and the task's AWS region.
+
+    ECS sets these variables in every task whose task definition names a task role (and
+    AWS SDKs read them from there). They are read with the rest of the environment here
+    and handed to the Google credentials (``resources/google_credentials.py``), because
+    google-auth's own AWS source knows only access-key variables and the EC2 metadata
+    service, and Fargate has neither.
+    """
+
+    # AWS_CONTAINER_CREDENTIALS_RELATIVE_URI: a path on http://169.254.170.2 (ECS sets it).
+    credentials_relative_uri: str | None = None
+    # AWS_CONTAINER_CREDENTIALS_FULL_URI (+ AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]): a
+    # whole URL, as EKS Pod Identity or a local credentials server give.
+    credentials_full_uri: str | None = None
+    authorization_token: str | None = field(default=None, repr=False)
+    authorization_token_file: str | None = None
+    # AWS_REGION, else AWS_DEFAULT_REGION: the region of the STS endpoint the signed
+    # GetCallerIdentity request names.
+    region: str | None = None
+
+    @property
+    def serves_credentials(self) -> bool:
+        return bool(self.credentials_relative_uri or self.credentials_full_uri)
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,12 @@ class Settings:
     # Which published pipeline template (tag) runs use, and the image its components run in.
     template_tag: str = "latest"
     component_image: str = "ml-platform:local"
+    # How the Google clients authenticate. None: Application Default Credentials (gcloud's
+    # login on a developer's machine, the attached service account on Google Cloud). Else
+    # the JSON of a workload identity federation credential configuration
+    # (ML_PLATFORM_GCP_CREDENTIAL_CONFIG; on ECS, from the AWS task role), no key involved.
+    gcp_credential_config: str | None = field(default=None, repr=False)
+    ecs_task_role: EcsTaskRole = field(default_factory=EcsTaskRole)
     # Alerts: posted to Slack when a token is configured, else only logged.
     slack_token: str | None = field(default=None, repr=False)
     slack_channel: str = "#ml-platform-alerts"
@@ -129,6 +167,8 @@ class Settings:
                     f"the {self.deployment} deployment runs on Google Cloud and needs "
                     + ", ".join(missing)
                 )
+        if self.gcp_credential_config is not None:
+            _check_credential_config(self.gcp_credential_config)
 
     # -- names -------------------------------------------------------------------------
 
@@ -226,6 +266,13 @@ class Settings:
         return labels
 
     @property
+    def gcp_credential_info(self) -> dict[str, object] | None:
+        """The credential configuration, parsed (validated when the settings were made)."""
+        if self.gcp_credential_config is None:
+            return None
+        return json.loads(self.gcp_credential_config)
+
+    @property
     def dbt_target(self) -> str:
         return str(self.deployment)
 
@@ -281,6 +328,7 @@ class Settings:
             "slack_channel": env.get("ML_PLATFORM_SLACK_CHANNEL"),
             "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
+            "gcp_credential_config": _credential_config(env),
         }
         caching = env.get("ML_PLATFORM_VERTEX_CACHING", "true").lower()
         if caching not in ("true", "false", "1", "0"):
@@ -304,6 +352,13 @@ class Settings:
             data_dir=Path(data_dir).resolve() if data_dir else PROJECT_DIR / "data",
             **{key: value for key, value in optional.items() if value},
             dagster_ui_url=_dagster_ui_url(env, deployment, deployment_name),
+            ecs_task_role=EcsTaskRole(
+                credentials_relative_uri=env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or None,
+                credentials_full_uri=env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") or None,
+                authorization_token=env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN") or None,
+                authorization_token_file=env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") or None,
+                region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            ),
         )
 
 
@@ -317,6 +372,55 @@ def _dagster_ui_url(
     # Never a localhost link in a cloud alert: the org's URL and the deployment, or none.
     org = env.get("ML_PLATFORM_DAGSTER_ORG_URL")  # e.g. https://acme.dagster.cloud
     return f"{org.rstrip('/')}/{deployment_name}" if org and deployment_name else None
+
+
+def _credential_config(env: Mapping[str, str]) -> str | None:
+    """The credential configuration's JSON: the variable's value itself (what ECS injects
+    from Secrets Manager), or, when the value does not start with "{", the file it names
+    (what `gcloud iam workload-identity-pools create-cred-config --output-file` wrote)."""
+    value = env.get(GCP_CREDENTIAL_CONFIG_VARIABLE, "").strip()
+    if not value:
+        return None
+    if value.startswith("{"):
+        return value
+    try:
+        return Path(value).expanduser().read_text()
+    except OSError as error:
+        # The value is repeated only when it looks like a path: it could be a secret pasted
+        # into the wrong variable.
+        shown = f" {value!r}" if value[0] in "/~." and "\n" not in value else ""
+        raise SettingsError(
+            f"{GCP_CREDENTIAL_CONFIG_VARIABLE} holds neither a JSON credential configuration "
+            f"(it does not start with '{{') nor the path of a readable file{shown}: "
+            f"{error.strerror}"
+        ) from error
+
+
+def _check_credential_config(config: str) -> None:
+    # The message never repeats the value: it is configuration, not a secret, but it is long
+    # and a mistyped secret could be pasted into the wrong variable.
+    try:
+        info = json.loads(config)
+    except json.JSONDecodeError as error:
+        raise SettingsError(
+            f"{GCP_CREDENTIAL_CONFIG_VARIABLE} is not valid JSON ({error.msg} at line "
+            f"{error.lineno}, column {error.colno})"
+        ) from error
+    kind = info.get("type") if isinstance(info, dict) else type(info).__name__
+    if kind != "external_account":
+        hint = " Service account keys are not accepted here;" if kind == "service_account" else ""
+        raise SettingsError(
+            f"{GCP_CREDENTIAL_CONFIG_VARIABLE} must be a workload identity federation "
+            f'credential configuration ("type": "external_account"), got type {kind!r}.{hint} '
+            "`gcloud iam workload-identity-pools create-cred-config` writes one "
+            "(deploy/gcp/README.md)"
+        )
+    missing = [key for key in ("audience", "subject_token_type") if not info.get(key)]
+    if missing:
+        raise SettingsError(
+            f"{GCP_CREDENTIAL_CONFIG_VARIABLE} lacks {', '.join(missing)}: not a complete "
+            "credential configuration"
+        )
 
 
 def _positive_int(env: Mapping[str, str], variable: str) -> int:

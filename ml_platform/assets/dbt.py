@@ -1,5 +1,15 @@
 """The dbt project as Dagster assets: staging + features before the model, reporting after
-the predictions. dbt tests become asset checks; dbt sources map to the Python assets."""
+the predictions. dbt tests become asset checks; dbt sources map to the Python assets.
+
+How dbt-bigquery authenticates: dbt runs as a subprocess and builds its own Google
+credentials from the profile, so it cannot share the code location's Python credentials
+object. With no credential configuration (Application Default Credentials) dbt runs the
+deployment's target (`branch`, `prod`: `method: oauth`) and finds the same ADC. With one (the
+ECS agent: workload identity federation from the AWS task role, which dbt's google-auth
+cannot reach on Fargate), dbt runs the `access_token` target (`method: oauth-secrets`) and
+each dbt command gets an access token minted from the code location's credentials just
+before it starts, in one environment variable of its own process only (`start_dbt`).
+"""
 
 import fcntl
 import json
@@ -9,14 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._utils.env import environ
 from dagster_dbt import (
     DagsterDbtTranslator,
     DagsterDbtTranslatorSettings,
+    DbtCliInvocation,
     DbtCliResource,
     DbtProject,
     dbt_assets,
 )
 
+from ml_platform.resources.google_credentials import (
+    DBT_ACCESS_TOKEN_VARIABLE,
+    dbt_uses_access_token,
+    fresh_access_token,
+    google_credentials,
+)
 from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
 
 
@@ -66,6 +84,46 @@ REPORTING_SELECTION = "tag:reporting"
 PREDICTIONS_SOURCE = "source:predictions"
 
 
+def start_dbt(
+    dbt: DbtCliResource,
+    args: list[str],
+    *,
+    settings: Settings,
+    context: dg.AssetExecutionContext | None = None,
+) -> DbtCliInvocation:
+    """Start a dbt command; with workload identity federation, with a fresh access token.
+
+    ``dbt`` is the resource ``backends.py`` builds: with a credential configuration its target
+    is profiles.yml's ``access_token``, which reads the token from DBT_ACCESS_TOKEN_VARIABLE
+    (dbt masks DBT_ENV_SECRET_* values in its logs and accepts them only in profiles.yml and
+    packages.yml, never in SQL).
+
+    The token goes to the dbt process's environment and nowhere else: not into --vars or
+    the command line, which Dagster logs. DbtCliResource.cli has no parameter for extra
+    variables: it copies this process's environment when it starts the subprocess (before
+    returning), so the variable is set for the duration of that call only and then removed,
+    with dagster's own `environ` helper (what the dagster-dbt maintainers recommend for
+    this, dagster-io/dagster#29656). That is safe because a process runs one step at a
+    time (locally the in-process executor runs a run's steps one after the other; on Google
+    Cloud the multiprocess executor gives each step a process of its own), and nothing else
+    in it starts a subprocess meanwhile.
+
+    The token lives as long as the credentials grant (an hour by default; the configuration's
+    service_account_impersonation.token_lifetime_seconds can extend it to 12 hours, see
+    deploy/gcp/README.md). dbt cannot refresh it: a dbt command still running when it
+    expires fails on its next BigQuery request with 401. The expiry is logged.
+    """
+    credentials = google_credentials(settings) if dbt_uses_access_token(settings) else None
+    if credentials is None:
+        return dbt.cli(args, context=context)
+    token, expiry = fresh_access_token(credentials)
+    if context is not None:
+        until = expiry.isoformat(timespec="seconds") if expiry else "an unknown time"
+        context.log.info(f"dbt authenticates to BigQuery with an access token valid until {until}")
+    with environ({DBT_ACCESS_TOKEN_VARIABLE: token}):
+        return dbt.cli(args, context=context)
+
+
 class Translator(DagsterDbtTranslator):
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         # Models are grouped by their folder: staging, features, reporting.
@@ -88,7 +146,7 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     )
     def dbt_features(context: dg.AssetExecutionContext, dbt: DbtCliResource):
         """Staging views and the feature tables the model trains and scores on."""
-        yield from dbt.cli(["build", *dbt_vars], context=context).stream()
+        yield from start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context).stream()
 
     @dbt_assets(
         manifest=DBT_PROJECT.manifest_path,
@@ -99,6 +157,6 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     )
     def dbt_reporting(context: dg.AssetExecutionContext, dbt: DbtCliResource):
         """Reporting tables over the predictions: refreshed after new predictions land."""
-        yield from dbt.cli(["build", *dbt_vars], context=context).stream()
+        yield from start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context).stream()
 
     return [dbt_features, dbt_reporting]

@@ -81,9 +81,9 @@ _STAGING_EXPIRY = timedelta(days=1)
 class BigQueryWarehouse(Warehouse):
     """Datasets of one Google Cloud project, in one location.
 
-    ``credentials`` default to Application Default Credentials (on ECS: workload identity
-    federation through ``GOOGLE_APPLICATION_CREDENTIALS``; on Vertex AI: the job's service
-    account). An ``api_endpoint`` over plain ``http://`` is a local emulator: no credentials
+    ``credentials`` default to Application Default Credentials (on Vertex AI: the job's
+    service account); on the ECS agent, backends.py passes the workload identity federation
+    credentials of resources/google_credentials.py. An ``api_endpoint`` over plain ``http://`` is a local emulator: no credentials
     are sent there (anonymous), since a real token must never travel unencrypted.
 
     ``retry_deadline`` bounds the retries of each API call and of each job (seconds);

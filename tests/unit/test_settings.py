@@ -170,3 +170,28 @@ def test_alert_links_never_point_a_cloud_deployment_at_localhost():
     org = {"ML_PLATFORM_DAGSTER_ORG_URL": "https://acme.dagster.cloud"}
     assert branch("42", **org).dagster_ui_url == "https://acme.dagster.cloud/pr-42"
     assert "xoxb" not in repr(Settings.from_env({"ML_PLATFORM_SLACK_TOKEN": "xoxb-secret"}))
+
+
+def test_google_credential_configuration_and_the_ecs_task_role():
+    config = (
+        '{"type": "external_account", "audience": "//iam.googleapis.com/projects/1/locations/'
+        'global/workloadIdentityPools/p/providers/aws", "subject_token_type": '
+        '"urn:ietf:params:aws:token-type:aws4_request"}'
+    )
+    settings = branch(
+        ML_PLATFORM_GCP_CREDENTIAL_CONFIG=config,
+        AWS_CONTAINER_CREDENTIALS_RELATIVE_URI="/v2/credentials/abc",
+        AWS_CONTAINER_AUTHORIZATION_TOKEN="container-token",
+        AWS_DEFAULT_REGION="eu-west-1",
+    )
+    assert settings.gcp_credential_info["type"] == "external_account"
+    assert settings.ecs_task_role.credentials_relative_uri == "/v2/credentials/abc"
+    assert settings.ecs_task_role.region == "eu-west-1"
+    assert settings.ecs_task_role.serves_credentials
+    assert "workloadIdentityPools" not in repr(settings)
+    assert "container-token" not in repr(settings)
+    assert branch().gcp_credential_config is None  # Application Default Credentials
+    assert not branch().ecs_task_role.serves_credentials
+    for bad in ("{oops", '{"type": "service_account"}'):
+        with pytest.raises(SettingsError, match="ML_PLATFORM_GCP_CREDENTIAL_CONFIG"):
+            branch(ML_PLATFORM_GCP_CREDENTIAL_CONFIG=bad)
