@@ -83,8 +83,9 @@ class BigQueryWarehouse(Warehouse):
 
     ``credentials`` default to Application Default Credentials (on Vertex AI: the job's
     service account); on the ECS agent, backends.py passes the workload identity federation
-    credentials of resources/google_credentials.py. An ``api_endpoint`` over plain ``http://`` is a local emulator: no credentials
-    are sent there (anonymous), since a real token must never travel unencrypted.
+    credentials of resources/google_credentials.py. An ``api_endpoint`` over plain
+    ``http://`` is a local emulator: no credentials are sent there (anonymous), since a real
+    token must never travel unencrypted.
 
     ``retry_deadline`` bounds the retries of each API call and of each job (seconds);
     ``request_timeout`` bounds one HTTP request; ``job_timeout`` bounds the wait for one
