@@ -14,6 +14,7 @@ before it starts, in one environment variable of its own process only (`start_db
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,6 @@ DBT_PROJECT = DbtProject(project_dir=DBT_PROJECT_DIR, target="local")
 prepare_when_stale(DBT_PROJECT)
 
 REPORTING_SELECTION = "tag:reporting"
-# The predictions table is written by a pipeline, after the features: its source tests run
-# with the reporting models, not before the predictions exist.
-PREDICTIONS_SOURCE = "source:predictions"
 
 
 def start_dbt(
@@ -134,29 +132,37 @@ class Translator(DagsterDbtTranslator):
 
 def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     dbt_vars = ["--vars", json.dumps(settings.dbt_vars)]
-    # Source tests become checks on the Python assets they test (raw/*, the predictions).
+    # Source tests become checks on the Python assets they test (raw/*).
     translator = Translator(DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
+
+    def build(dbt: DbtCliResource, context: dg.AssetExecutionContext):
+        invocation = start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context)
+        yield from invocation.stream()
+        # Every invocation gets a target folder of its own; once it has succeeded, its logs
+        # and artifacts are in the run's logs, and the folders would pile up. A failed
+        # invocation's folder stays, with the dbt.log its error message points to.
+        shutil.rmtree(Path(invocation.project_dir, invocation.target_path), ignore_errors=True)
 
     @dbt_assets(
         manifest=DBT_PROJECT.manifest_path,
         project=DBT_PROJECT,
-        exclude=f"{REPORTING_SELECTION} {PREDICTIONS_SOURCE}",
+        exclude=REPORTING_SELECTION,
         name="dbt_features",
         dagster_dbt_translator=translator,
     )
     def dbt_features(context: dg.AssetExecutionContext, dbt: DbtCliResource):
         """Staging views and the feature tables the model trains and scores on."""
-        yield from start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context).stream()
+        yield from build(dbt, context)
 
     @dbt_assets(
         manifest=DBT_PROJECT.manifest_path,
         project=DBT_PROJECT,
-        select=f"{REPORTING_SELECTION} {PREDICTIONS_SOURCE}",
+        select=REPORTING_SELECTION,
         name="dbt_reporting",
         dagster_dbt_translator=translator,
     )
     def dbt_reporting(context: dg.AssetExecutionContext, dbt: DbtCliResource):
         """Reporting tables over the predictions: refreshed after new predictions land."""
-        yield from start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context).stream()
+        yield from build(dbt, context)
 
     return [dbt_features, dbt_reporting]
