@@ -234,7 +234,7 @@ class Config:
 def sensor_tick(
     defs: dg.Definitions, instance: dg.DagsterInstance, runner: Any, cursor: str
 ) -> Callable[[], float]:
-    sensor = defs.get_sensor_def(SENSOR_NAME)
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
     resources = {
         "pipeline_runner": runner,
         "artifacts": defs.resources["artifacts"],

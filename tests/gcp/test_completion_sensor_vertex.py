@@ -265,7 +265,7 @@ class Branch:
         sensor: dg.SensorDefinition | None = None,
         runner: VertexPipelineRunner | None = None,
     ) -> Tick:
-        sensor = sensor or self.defs.get_sensor_def(SENSOR_NAME)
+        sensor = sensor or self.defs.resolve_sensor_def(SENSOR_NAME)
         # The resources the sensor asks for, as the daemon gives it.
         resources = {
             "pipeline_runner": runner or self.runner,
@@ -464,7 +464,7 @@ def test_a_restarted_sensor_with_the_same_cursor_requests_nothing_twice(branch, 
     # new client); the cursor is what Dagster stored.
     settings = branch_settings(branch.vertex, tmp_path)
     sensor = build_completion_sensor(settings)
-    assert sensor is not branch.defs.get_sensor_def(SENSOR_NAME)
+    assert sensor is not branch.defs.resolve_sensor_def(SENSOR_NAME)
     runner = VertexPipelineRunner.from_settings(settings, LocalTemplateRegistry(tmp_path / "t"))
     branch.defs = build_definitions(settings)
     again = branch.tick(sensor=sensor, runner=runner)

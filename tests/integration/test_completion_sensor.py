@@ -111,7 +111,7 @@ class World:
         return job_id
 
     def tick(self, *, commit: bool = True):
-        sensor = self.defs.get_sensor_def(SENSOR_NAME)
+        sensor = self.defs.resolve_sensor_def(SENSOR_NAME)
         # The resources the sensor asks for, as the daemon gives it (not every resource).
         resources = {
             "pipeline_runner": self.defs.resources["pipeline_runner"],
@@ -255,7 +255,7 @@ SUBPROCESS_TICK = textwrap.dedent(
             instance=instance, cursor=sys.argv[1] or None, resources=defs.resources,
             definitions=defs,
         )
-        result = defs.get_sensor_def(SENSOR_NAME).evaluate_tick(context)
+        result = defs.resolve_sensor_def(SENSOR_NAME).evaluate_tick(context)
     print(json.dumps({"keys": [r.run_key for r in result.run_requests], "cursor": result.cursor}))
     """
 )
