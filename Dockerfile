@@ -32,6 +32,8 @@ COPY workspace.yaml ./
 RUN uv sync --frozen --no-dev \
     # The dbt manifest, so that loading the code location never runs `dbt parse`.
     && dagster-dbt project prepare-and-package --file ml_platform/assets/dbt.py \
+    # UV_COMPILE_BYTECODE compiles the dependencies; the editable project needs its own.
+    && python -m compileall -q ml_platform \
     && rm -rf dbt_project/logs
 
 # -- runtime: what both images share ------------------------------------------------------
