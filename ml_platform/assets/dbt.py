@@ -36,6 +36,7 @@ from ml_platform.resources.google_credentials import (
     fresh_access_token,
     google_credentials,
 )
+from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
 
 
@@ -135,7 +136,8 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     # Source tests become checks on the Python assets they test (raw/*).
     translator = Translator(DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
 
-    def build(dbt: DbtCliResource, context: dg.AssetExecutionContext):
+    def build(dbt: DbtCliResource, warehouse: Warehouse, context: dg.AssetExecutionContext):
+        warehouse.wait_until_writable()
         invocation = start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context)
         yield from invocation.stream()
         # Every invocation gets a target folder of its own; once it has succeeded, its logs
@@ -150,9 +152,13 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         name="dbt_features",
         dagster_dbt_translator=translator,
     )
-    def dbt_features(context: dg.AssetExecutionContext, dbt: DbtCliResource):
+    def dbt_features(
+        context: dg.AssetExecutionContext,
+        dbt: DbtCliResource,
+        warehouse: dg.ResourceParam[Warehouse],
+    ):
         """Staging views and the feature tables the model trains and scores on."""
-        yield from build(dbt, context)
+        yield from build(dbt, warehouse, context)
 
     @dbt_assets(
         manifest=DBT_PROJECT.manifest_path,
@@ -161,8 +167,12 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
         name="dbt_reporting",
         dagster_dbt_translator=translator,
     )
-    def dbt_reporting(context: dg.AssetExecutionContext, dbt: DbtCliResource):
+    def dbt_reporting(
+        context: dg.AssetExecutionContext,
+        dbt: DbtCliResource,
+        warehouse: dg.ResourceParam[Warehouse],
+    ):
         """Reporting tables over the predictions: refreshed after new predictions land."""
-        yield from build(dbt, context)
+        yield from build(dbt, warehouse, context)
 
     return [dbt_features, dbt_reporting]

@@ -83,6 +83,11 @@ class Warehouse(ABC):
         """Drop a dataset and everything in it; False if there was none (a closed pull
         request's datasets are dropped this way)."""
 
+    @abstractmethod
+    def wait_until_writable(self) -> None:
+        """Return once this process could start writing; called before dbt, which opens the
+        warehouse itself and does not wait for other writers."""
+
 
 def _check_partition(data: pa.Table, table: str, column: str, value: date) -> None:
     if column not in data.column_names:
@@ -130,6 +135,14 @@ class DuckDBWarehouse(Warehouse):
             yield connection
         finally:
             connection.close()
+
+    def wait_until_writable(self) -> None:
+        # dbt-duckdb fails at once when another process (a pipeline component started from
+        # the CLI, say) holds the file: wait here for it to let go, then hand over to dbt.
+        # Another writer could still slip in between, but it would have to start within
+        # the few milliseconds dbt takes to open the file.
+        with self.connect():
+            pass
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

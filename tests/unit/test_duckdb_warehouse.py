@@ -1,6 +1,9 @@
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -57,3 +60,51 @@ def test_missing_tables_and_dropping_datasets(tmp_path: Path):
 def test_only_plain_identifiers_reach_sql(tmp_path: Path, name: str):
     with pytest.raises(WarehouseError, match="not a plain SQL identifier"):
         DuckDBWarehouse(tmp_path / "w.duckdb").row_count(name, "t")
+
+
+def hold_the_file(path: Path, seconds: float) -> subprocess.Popen:
+    """Another process with the DuckDB file open for writing (DuckDB locks per process)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time\n"
+            f"connection = duckdb.connect({str(path)!r})\n"
+            "print('holding', flush=True)\n"
+            f"time.sleep({seconds})\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_waiting_for_another_writer_before_dbt(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    DuckDBWarehouse(path).replace_table("raw", "flights", rows(DAY, 3))
+    holder = hold_the_file(path, 2)
+    try:
+        # What dbt-duckdb would hit if it started now:
+        with pytest.raises(duckdb.IOException, match="lock"):
+            duckdb.connect(str(path)).close()
+        DuckDBWarehouse(path).wait_until_writable()
+        # It returned only once the other writer let go (as it exits): had it not waited,
+        # the holder would sleep on for seconds after this.
+        holder.wait(timeout=1)
+        duckdb.connect(str(path)).close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_writer_that_never_lets_go_is_named_after_the_timeout(tmp_path: Path):
+    path = tmp_path / "warehouse.duckdb"
+    DuckDBWarehouse(path).replace_table("raw", "flights", rows(DAY, 3))
+    holder = hold_the_file(path, 60)
+    try:
+        with pytest.raises(WarehouseError, match=f"cannot open {path}.*lock"):
+            DuckDBWarehouse(path, lock_timeout=0.5).wait_until_writable()
+    finally:
+        holder.kill()
+        holder.wait()
