@@ -37,10 +37,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from tests.gcp.loopback import LoopbackServer
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 TOOLS_DIR = PROJECT_DIR / ".tools" / "bqemulator"
@@ -293,13 +295,13 @@ class FaultProxy:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str, int]] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
+    _server: LoopbackServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def endpoint(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     def fail(self, method: str, path: str, status: int, *, times: int = 1, **kwargs) -> Fault:
         fault = Fault(method, path, status, times, **kwargs)
@@ -369,15 +371,12 @@ class FaultProxy:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = LoopbackServer(Handler)
         return self
 
     def __exit__(self, *exc_info) -> None:
         assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
 
 # -- no calls to Google --------------------------------------------------------------------

@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import requests
 import yaml
 from requests.adapters import HTTPAdapter
+
+from tests.gcp.loopback import LoopbackServer
 
 API_HOST = "artifactregistry.googleapis.com"
 MAX_PAGE_SIZE = 1000  # documented for versions.list and tags.list
@@ -113,23 +115,19 @@ class FakeArtifactRegistry:
         self._clock = datetime(2024, 1, 1, tzinfo=UTC)
         self._lock = threading.Lock()
         self._release = threading.Event()  # ends injected hangs when the server stops
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FakeArtifactRegistry:
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        serve = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        serve.start()
+        self._server = LoopbackServer(handler)
         return self
 
     def stop(self) -> None:
         self._release.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
 
     def __enter__(self) -> FakeArtifactRegistry:
         return self.start()
@@ -140,7 +138,7 @@ class FakeArtifactRegistry:
     @property
     def port(self) -> int:
         assert self._server is not None, "start() the fake first"
-        return self._server.server_address[1]
+        return self._server.port
 
     def session(self) -> requests.Session:
         """A session that reaches this fake for the Artifact Registry hosts, and nothing else."""

