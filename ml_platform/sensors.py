@@ -51,6 +51,8 @@ REPORTING_MARKER = dg.AssetKey(["reporting", "daily_delay_report"])
 ASSET_OF_PIPELINE = {pipeline: asset for asset, pipeline in PIPELINE_OF_ASSET.items()}
 # A job whose Dagster run never finishes (a crashed run worker) is not waited for forever.
 MAX_PENDING_SECONDS = 24 * 3600
+# Remembered a little past the lookback (see Cursor.forget_before).
+FORGET_MARGIN_SECONDS = 1.0
 
 
 @dataclass
@@ -88,8 +90,11 @@ class Cursor:
 
     def forget_before(self, lookback: float) -> None:
         # Jobs that ended before the window can no longer be listed: no need to remember them.
+        # End times are kept at different precisions (the local store in float seconds, this
+        # cursor in microseconds, Vertex in nanoseconds), so a job a hair inside the window
+        # can look just outside it here: keep a margin, or it would be listed and handled again.
         if self.newest_end is not None:
-            horizon = self.newest_end - lookback
+            horizon = self.newest_end - lookback - FORGET_MARGIN_SECONDS
             self.handled = {job: end for job, end in self.handled.items() if end > horizon}
 
 

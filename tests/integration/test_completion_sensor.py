@@ -228,6 +228,19 @@ def test_a_job_whose_end_is_recorded_late_is_caught_by_the_lookback(world):
     assert first != late and run_keys(world.tick()) == []
 
 
+def test_a_job_at_the_edge_of_the_lookback_is_not_handled_twice(world):
+    # The store keeps end times as float seconds, the cursor (datetime) in microseconds and
+    # Vertex in nanoseconds: a job that ended a hair after the window's start is still listed
+    # after the cursor, rounding its end down, would already have forgotten it.
+    lookback = world.settings.sensor_lookback_seconds
+    edge = float(int(time.time()) - 3 * lookback) + 4e-7  # rounds down to a whole second
+    first = world.add_job(ended=edge)
+    world.add_job(ended=edge + lookback)  # the window now starts exactly at `first`'s end
+    assert len(world.tick().run_requests) == 2
+    assert run_keys(world.tick()) == [] and run_keys(world.tick()) == []
+    assert first in json.loads(world.cursor)["handled"]
+
+
 def test_a_job_of_another_deployment_or_pipeline_is_ignored(world):
     job_id = world.add_job()
     with world.store._connect() as db:  # a job another deployment recorded in a shared store
@@ -291,7 +304,9 @@ def test_a_thousand_ticks_of_jobs_arriving_failing_and_ending_late(world):
     lookback = world.settings.sensor_lookback_seconds
     # Simulated time: a tick every 30 s over the last ~9 hours, so the lookback window holds
     # about 120 ticks of jobs (real time would squeeze all 1,000 ticks into one window).
-    now = time.time() - 1000 * 30
+    # Whole seconds plus a hair that rounds away in microseconds: jobs end exactly one
+    # lookback apart, at the window's edge (test_a_job_at_the_edge_of_the_lookback...).
+    now = float(int(time.time()) - 1000 * 30) + 4e-7
     succeeded, failed, by_dagster = [], [], {}
     requested: Counter[str] = Counter()
     running_runs: list[str] = []
