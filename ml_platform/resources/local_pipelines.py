@@ -38,6 +38,9 @@ from ml_platform.resources.template_registry import TemplateRegistry
 LOCAL_JOB_PREFIX = "projects/local/locations/local/pipelineJobs/"
 # Local jobs take seconds to minutes and polling is a SQLite read: poll often.
 LOCAL_POLL = PollPolicy(initial_interval=0.5, max_interval=5.0, deadline=6 * 3600)
+# A submit records the job, then starts its worker within milliseconds: a job still without
+# a worker after this long never gets one.
+UNSTARTED_WORKER_SECONDS = 60
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipeline_jobs (
@@ -245,25 +248,36 @@ class LocalPipelineRunner(PipelineRunner):
                 "log_path": str(log_path),
             }
         )
-        with log_path.open("ab") as log:
-            child = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ml_platform.resources.local_pipeline_worker",
-                    str(self.store.path),
-                    request.job_id,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C or SIGTERM for the Dagster step does not reach
-                # it, so an interrupted wait can cancel it, or a retry reattach to it.
-                start_new_session=True,
-            )
+        try:
+            with log_path.open("ab") as log:
+                child = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ml_platform.resources.local_pipeline_worker",
+                        str(self.store.path),
+                        request.job_id,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # Its own session: a Ctrl-C or SIGTERM for the Dagster step does not
+                    # reach it, so an interrupted wait can cancel it, or a retry reattach.
+                    start_new_session=True,
+                )
+        except BaseException as error:
+            # No worker will ever run it: record that, or a retry would reattach and wait.
+            self._fail_unstarted(request.job_id, f"could not start the local worker: {error}")
+            raise
         self._children[request.job_id] = child
         self.store.update(request.job_id, pid=child.pid)
         return self.get(request.job_id)
+
+    def _fail_unstarted(self, job_id: str, error: str) -> None:
+        self.store.update(
+            job_id, only_from=[JobState.QUEUED], state=str(JobState.FAILED), end_time=_now(),
+            error=error,
+        )  # fmt: skip
 
     def get(self, job_id: str) -> PipelineJob | None:
         row = self.store.row(job_id)
@@ -273,8 +287,20 @@ class LocalPipelineRunner(PipelineRunner):
         if child is not None and child.poll() is not None:
             del self._children[job_id]  # reaped, so it cannot linger as a zombie
         running = JobState(row["state"]) not in TERMINAL_STATES
-        # No pid yet means the submit is still under way, not that the worker died.
-        if running and row["pid"] is not None and not _worker_alive(row["pid"], job_id):
+        # No pid yet means the submit is still under way, not that the worker died; unless
+        # it has been so for long (the submitting process died before starting the worker).
+        if (
+            running
+            and row["pid"] is None
+            and _now() - row["create_time"] > UNSTARTED_WORKER_SECONDS
+        ):
+            self._fail_unstarted(
+                job_id,
+                f"no local worker was started within {UNSTARTED_WORKER_SECONDS} s of its "
+                "submission (the submitting process died?)",
+            )
+            row = self.store.row(job_id)
+        elif running and row["pid"] is not None and not _worker_alive(row["pid"], job_id):
             # The worker died without recording an end (killed, out of memory).
             self.store.update(
                 job_id,
@@ -304,7 +330,8 @@ class LocalPipelineRunner(PipelineRunner):
                     child.poll()
                 time.sleep(0.1)
             if _worker_alive(pid, job_id):
-                os.killpg(pid, signal.SIGKILL)
+                with suppress(ProcessLookupError):  # it may have ended just now
+                    os.killpg(pid, signal.SIGKILL)
         self.store.update(
             job_id,
             only_from=[JobState.CANCELLING],

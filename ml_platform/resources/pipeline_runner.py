@@ -48,6 +48,9 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # States a waiting run gives up on: PAUSED needs a person, it will not finish by itself.
 _FAILURE_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.PAUSED})
+# States a retry does not reattach to: a job being cancelled (say, by the terminated run
+# before this retry) can only end CANCELLED.
+_NOT_REATTACHABLE = _FAILURE_STATES | {JobState.CANCELLING}
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ class PipelineRunner(ABC):
                 return job
             # A paused job counts as failed here too: `wait` gives up on it, so reattaching
             # would fail every retry forever.
-            if existing.state in _FAILURE_STATES:
+            if existing.state in _NOT_REATTACHABLE:
                 log.info(f"{existing.describe()}; submitting a new job")
                 continue
             log.info(f"reattaching to {existing.describe()}")
@@ -254,6 +257,15 @@ class PipelineRunner(ABC):
                     last_state = job.state
         except PipelineJobError:
             raise
+        except Exception as error:
+            # Polling failed (credentials that could not refresh, a locked job store), not
+            # the job: leave it running, so that a retry of the step reattaches to it.
+            raise PipelineJobError(
+                f"lost track of pipeline job {job.job_id} while waiting for it "
+                f"({type(error).__name__}: {error}); it was left running, and a retry "
+                "reattaches to it",
+                job,
+            ) from error
         except BaseException:
             # The wait was interrupted (the Dagster run was terminated, or the process is
             # shutting down): nobody will be left to use the result, so stop paying for it.

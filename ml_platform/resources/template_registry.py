@@ -106,12 +106,14 @@ class LocalTemplateRegistry(TemplateRegistry):
         content = Path(template).read_bytes()
         version = template_version_of(content)
         path = self._version_path(package, version)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = path.with_suffix(".tmp")
-            scratch.write_bytes(content)
-            os.replace(scratch, path)
+        # Under the package's lock: two uploads of the same template (the CLI and a run)
+        # would otherwise share the scratch file, and one could publish the other's half.
         with self._locked_tags(package) as current:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                scratch = path.with_suffix(".tmp")
+                scratch.write_bytes(content)
+                os.replace(scratch, path)
             current.update(dict.fromkeys(tags, version))
             return self._version(package, version, current)
 

@@ -419,8 +419,10 @@ class VertexPipelineRunner(PipelineRunner):
     def _api_errors() -> tuple[type[BaseException], ...]:
         import requests
         from google.api_core import exceptions
+        from google.auth.exceptions import GoogleAuthError
 
-        return (exceptions.GoogleAPIError, requests.exceptions.RequestException)
+        # Credentials that cannot refresh (metadata server, federation) fail a call as well.
+        return (exceptions.GoogleAPIError, GoogleAuthError, requests.exceptions.RequestException)
 
     # -- the four primitives -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from google.api_core import exceptions
 from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import RefreshError
 from google.cloud.aiplatform_v1 import types
 
 from ml_platform.assets.pipeline_jobs import job_metadata
@@ -453,6 +454,52 @@ def test_an_interrupted_wait_cancels_the_job(runner, settings, registry, vertex,
     assert cancel.path.endswith(f"/pipelineJobs/{request.job_id}:cancel")
     assert cancel.body == {}
     assert runner.get(request.job_id).state is JobState.CANCELLED
+
+
+def test_a_retry_after_a_terminated_run_starts_anew_instead_of_joining_the_cancel(
+    runner, settings, registry, vertex, clock
+):
+    request = training_request(settings, registry)
+    vertex.plan(request.job_id, (0, "RUNNING"), (3600, "SUCCEEDED"))
+    vertex.cancel_delay = 600.0  # Vertex takes a while to stop a pipeline's tasks
+
+    def terminated(seconds: float) -> None:
+        clock.sleep(seconds)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(request, sleep=terminated, clock=clock.monotonic)
+    assert runner.get(request.job_id).state is JobState.CANCELLING
+    # The run is re-executed: the job being cancelled can only end CANCELLED, so a new one.
+    vertex.plan(f"{request.job_id}-retry1", (0, "RUNNING"), (60, "SUCCEEDED"))
+    assert run(runner, request, clock).job_id == f"{request.job_id}-retry1"
+    assert len(vertex.calls("create")) == 2
+
+
+class CredentialsThatFailOnce(AnonymousCredentials):
+    """Google credentials whose token refresh fails once (the metadata server hiccups)."""
+
+    def __init__(self, failing_call: int) -> None:
+        super().__init__()
+        self.calls, self.failing_call = 0, failing_call
+
+    def before_request(self, request, method, url, headers):
+        self.calls += 1
+        if self.calls == self.failing_call:
+            raise RefreshError("metadata server answered 503")
+        return super().before_request(request, method, url, headers)
+
+
+def test_losing_track_of_a_job_leaves_it_running_for_the_retry(settings, registry, vertex, clock):
+    request = training_request(settings, registry)
+    vertex.plan(request.job_id, (0, "RUNNING"), (3600, "SUCCEEDED"))
+    flaky = make_runner(settings, registry, credentials=CredentialsThatFailOnce(failing_call=4))
+    with pytest.raises(PipelineJobError, match=rf"get pipeline job {request.job_id}.*answered 503"):
+        run(flaky, request, clock)  # look-up, create, one get, then the refresh fails
+    assert not vertex.calls("cancel")  # the job itself was fine
+    job = run(make_runner(settings, registry), request, clock)  # the step's retry
+    assert job.job_id == request.job_id and job.state is JobState.SUCCEEDED
+    assert len(vertex.calls("create")) == 1
 
 
 def test_the_deadline_fails_and_cancels_the_job(settings, registry, vertex, clock):

@@ -154,6 +154,34 @@ def test_a_worker_that_dies_marks_its_job_failed(backend):
         runner.wait(runner.get("nap-1"))
 
 
+def test_a_worker_that_cannot_start_fails_its_job_and_the_retry_runs_anew(backend, tmp_path):
+    runner, _, template = backend
+    (tmp_path / "root" / "nap-1" / "job.log").mkdir(parents=True)  # its log cannot be opened
+    with pytest.raises(IsADirectoryError):
+        runner.run(request(template))
+    job = runner.get("nap-1")
+    assert job.state is JobState.FAILED and "could not start the local worker" in job.error
+    job = runner.run(request(template))  # the step's retry does not wait for a ghost
+    assert job.job_id == "nap-1-retry1" and job.state is JobState.SUCCEEDED
+
+
+def test_a_job_whose_submitter_died_before_starting_its_worker_is_failed(backend, tmp_path):
+    runner, _, template = backend
+    runner.store.insert(  # recorded by a submit whose process died before the worker started
+        {
+            "job_id": "nap-1", "pipeline": "nap-pipeline", "display_name": "nap-1",
+            "state": str(JobState.QUEUED), "labels": "{}", "parameters": "{}",
+            "create_time": time.time() - 120, "update_time": time.time() - 120,
+            "template_uri": template.uri, "template_version": template.version,
+            "template_path": template.uri, "pipeline_root": str(tmp_path / "root" / "nap-1"),
+            "log_path": str(tmp_path / "root" / "nap-1" / "job.log"),
+        }
+    )  # fmt: skip
+    job = runner.get("nap-1")
+    assert job.state is JobState.FAILED and "no local worker was started" in job.error
+    assert runner.run(request(template)).job_id == "nap-1-retry1"
+
+
 def test_an_unknown_tag_names_the_package_and_tag(backend):
     _, registry, _ = backend
     with pytest.raises(TemplateError, match=r"'nap-pipeline' has no tag 'v9'.*tags: latest"):

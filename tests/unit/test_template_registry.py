@@ -1,4 +1,6 @@
 import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,21 @@ def test_unknown_package_tag_and_version(tmp_path: Path):
     registry.upload("p", template(tmp_path, "a: 1\n"), ["latest"])
     with pytest.raises(TemplateError, match="has no version sha256:0000"):
         registry.resolve("p", "sha256:0000")
+
+
+def _upload(root: str, source: str) -> str:
+    return LocalTemplateRegistry(root).upload("pipe", Path(source), ["latest"]).version
+
+
+def test_concurrent_uploads_of_the_same_template_all_succeed(tmp_path: Path):
+    # The CLI and a Dagster run publishing together: each upload writes the version file.
+    source = tmp_path / "big.yaml"
+    source.write_bytes(os.urandom(4 << 20))  # a large file widens the window
+    expected = f"sha256:{hashlib.sha256(source.read_bytes()).hexdigest()}"
+    for attempt in range(5):
+        root = tmp_path / f"registry-{attempt}"
+        with ProcessPoolExecutor(max_workers=3) as pool:
+            versions = list(pool.map(_upload, [str(root)] * 3, [str(source)] * 3))
+        assert versions == [expected] * 3
+        registry = LocalTemplateRegistry(root)
+        assert registry.fetch(registry.resolve("pipe", "latest")) == source.read_bytes()
