@@ -199,7 +199,8 @@ def _worker_alive(pid: int | None, job_id: str) -> bool:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             return False
-        return job_id in cmdline and "State:\tZ" not in status
+        # The worker's last argument is its job id (not just a part of it: nap-1-retry1).
+        return cmdline.split("\0")[-2:-1] == [job_id] and "State:\tZ" not in status
     try:
         os.kill(pid, 0)
     except OSError:
