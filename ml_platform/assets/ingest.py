@@ -72,8 +72,11 @@ def _csv_path(source_dir: Path, table: str, scratch: Path) -> Path:
         return plain
     zipped = source_dir / f"{table}.csv.zip"
     if zipped.exists():
-        with zipfile.ZipFile(zipped) as archive:
-            return Path(archive.extract(f"{table}.csv", scratch))
+        try:
+            with zipfile.ZipFile(zipped) as archive:
+                return Path(archive.extract(f"{table}.csv", scratch))
+        except (KeyError, zipfile.BadZipFile) as error:  # no such member / not a zip file
+            raise RawDataError(f"raw table {table}: {zipped}: {error}") from error
     raise RawDataError(f"raw table {table}: no {plain.name} or {zipped.name} in {source_dir}")
 
 

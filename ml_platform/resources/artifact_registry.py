@@ -108,7 +108,7 @@ class ArtifactRegistryTemplates(TemplateRegistry):
         session: requests.Session | None = None,
     ) -> None:
         url = repository_url.rstrip("/")
-        if not _REPOSITORY_URL.match(url):
+        if not _REPOSITORY_URL.fullmatch(url):
             raise ValueError(
                 f"not an Artifact Registry KFP repository URL: {repository_url!r} "
                 "(expected https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY)"

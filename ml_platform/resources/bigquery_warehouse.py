@@ -103,7 +103,7 @@ class BigQueryWarehouse(Warehouse):
         request_timeout: float = 60.0,
         job_timeout: float = 1800.0,
     ) -> None:
-        if not project or not _PROJECT.match(project):
+        if not project or not _PROJECT.fullmatch(project):
             raise WarehouseError(f"not a Google Cloud project id: {project!r}")
         if not location or not re.fullmatch(r"[A-Za-z0-9-]+", location):
             raise WarehouseError(f"not a BigQuery location: {location!r}")

@@ -56,10 +56,10 @@ class TemplateRegistry(ABC):
 
 
 def check_tags(package: str, tags: Sequence[str]) -> None:
-    if not _PACKAGE.match(package):
+    if not _PACKAGE.fullmatch(package):
         raise TemplateError(f"invalid template package name {package!r}")
     for tag in tags:
-        if tag.startswith("sha256:") or not _TAG.match(tag):
+        if tag.startswith("sha256:") or not _TAG.fullmatch(tag):
             raise TemplateError(f"invalid tag {tag!r} for template {package}")
 
 

@@ -95,8 +95,8 @@ def vertex_labels(labels: Mapping[str, str]) -> dict[str, str]:
     """
     result: dict[str, str] = {}
     for key, value in labels.items():
-        clean_key = key if _LABEL_KEY.match(key) else sanitize_label_key(key)
-        clean_value = value if _LABEL_VALUE.match(value) else sanitize_label_value(value)
+        clean_key = key if _LABEL_KEY.fullmatch(key) else sanitize_label_key(key)
+        clean_value = value if _LABEL_VALUE.fullmatch(value) else sanitize_label_value(value)
         if clean_key in _RESERVED_LABELS:
             continue
         if clean_key in result and result[clean_key] != clean_value:
@@ -121,7 +121,7 @@ def list_filter(
     for key, value in (labels or {}).items():
         # Label keys and values cannot hold quotes or spaces, so no escaping is needed; one
         # that breaks the rules matches no job, which is a caller's bug worth raising.
-        if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
             raise ValueError(f"label {key}={value!r} breaks Vertex's label rules; no job has it")
         terms.append(f'labels.{key}="{value}"')
     if states is not None:

@@ -31,7 +31,7 @@ class WarehouseError(RuntimeError):
 def check_identifier(*names: str) -> None:
     """Dataset, table and column names are interpolated into SQL, so only plain names pass."""
     for name in names:
-        if not _IDENTIFIER.match(name):
+        if not _IDENTIFIER.fullmatch(name):
             raise WarehouseError(f"not a plain SQL identifier: {name!r}")
 
 

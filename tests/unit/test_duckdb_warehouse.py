@@ -56,7 +56,7 @@ def test_missing_tables_and_dropping_datasets(tmp_path: Path):
     assert not warehouse.table_exists("p", "t")
 
 
-@pytest.mark.parametrize("name", ["x; drop table y", "a.b", "1abc", ""])
+@pytest.mark.parametrize("name", ["x; drop table y", "a.b", "1abc", "", "preds\n"])
 def test_only_plain_identifiers_reach_sql(tmp_path: Path, name: str):
     with pytest.raises(WarehouseError, match="not a plain SQL identifier"):
         DuckDBWarehouse(tmp_path / "w.duckdb").row_count(name, "t")

@@ -41,7 +41,7 @@ def test_a_changed_file_no_longer_matches_its_version(tmp_path: Path):
         registry.fetch(version)
 
 
-@pytest.mark.parametrize("tag", ["", "sha256:abc", "has space", "-dash"])
+@pytest.mark.parametrize("tag", ["", "sha256:abc", "has space", "-dash", "v1\n"])
 def test_invalid_tags_are_refused(tmp_path: Path, tag: str):
     registry = LocalTemplateRegistry(tmp_path / "registry")
     with pytest.raises(TemplateError, match="invalid tag"):
