@@ -45,8 +45,7 @@ def build_schedules(
         description="Score the day that just ended (flight_delay_predictions) at 06:00 UTC.",
     )
     def score_flights_daily(context: dg.ScheduleEvaluationContext):
-        # Evaluated by hand without a tick time (build_schedule_context()): as if now.
-        tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
+        tick = context.scheduled_execution_time.astimezone(UTC)
         return request_for_tick(tick)
 
     return [score_flights_daily]
