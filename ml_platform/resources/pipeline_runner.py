@@ -181,7 +181,10 @@ class PipelineRunner(ABC):
         """Jobs matching every filter, oldest end time first (the completion sensor's view).
 
         A backend may leave ``outputs`` empty in a listing (Vertex's list view has no task
-        details): ``get`` a job to read its outputs.
+        details): ``get`` a job to read its outputs. ``ended_after`` is compared at the
+        backend's precision (float seconds locally, nanoseconds on Vertex, microseconds in a
+        datetime), so a job that ended within a microsecond of it may or may not be listed:
+        callers keep a margin (the sensor does).
         """
 
     # -- what every backend shares ---------------------------------------------------
