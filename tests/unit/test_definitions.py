@@ -96,13 +96,17 @@ def test_a_branch_deployment_gets_the_google_cloud_backends():
 @pytest.mark.parametrize("deployment", ["local", "branch"])
 def test_importing_the_code_location_loads_no_heavy_library(deployment: str):
     code = (
-        "import json, sys; import ml_platform.definitions; "
+        "import gc, json, sys; import ml_platform.definitions; "
         f"heavy = {HEAVY!r}; "
-        "print(json.dumps(sorted({h for h in heavy for m in sys.modules "
-        "if m == h or m.startswith(h if h.endswith('.') else h + '.')})))"
+        "print(json.dumps([sorted({h for h in heavy for m in sys.modules "
+        "if m == h or m.startswith(h if h.endswith('.') else h + '.')}), "
+        "gc.get_freeze_count(), len(gc.get_objects())]))"
     )
     env = {**os.environ, **(BRANCH if deployment == "branch" else {})}
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
-    assert json.loads(loaded.strip().splitlines()[-1]) == []
+    heavy, frozen, tracked = json.loads(loaded.strip().splitlines()[-1])
+    assert heavy == []
+    # What the import built is frozen, out of the garbage collector's way (see P1).
+    assert frozen > 100_000 and tracked < 1_000
