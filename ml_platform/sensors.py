@@ -24,6 +24,7 @@ For each job that ended:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -102,6 +103,9 @@ class Cursor:
 class Tick:
     run_requests: list[dg.RunRequest] = field(default_factory=list)
     asset_events: list[Any] = field(default_factory=list)
+    # (title, text, links), sent once every job of the tick was handled: a tick that fails
+    # half-way (an API error) is evaluated again, and must not alert twice.
+    alerts: list[tuple[str, str, Mapping[str, str]]] = field(default_factory=list)
 
 
 @cache
@@ -138,7 +142,6 @@ def handle_job(
     *,
     runner: PipelineRunner,
     artifacts: ArtifactStore,
-    alerts: Alerts,
 ) -> bool:
     """Act on one ended job; False if it must wait for its Dagster run to finish."""
     asset = ASSET_OF_PIPELINE.get(job.pipeline)
@@ -152,10 +155,12 @@ def handle_job(
             job = runner.get(job.job_id) or job
         context.log.error(f"{job.describe()}; no reporting refresh")
         if not started_by:  # a Dagster run reports its own failure (and alerts on it)
-            alerts.send(
-                f"Pipeline job {job.state.name.lower()}: {job.job_id}",
-                job.error or f"{job.pipeline} ended {job.state.name}",
-                job.links,
+            tick.alerts.append(
+                (
+                    f"Pipeline job {job.state.name.lower()}: {job.job_id}",
+                    job.error or f"{job.pipeline} ended {job.state.name}",
+                    job.links,
+                )
             )
         return True
     if asset == MODEL_ASSET:
@@ -224,26 +229,30 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
             if job.job_id not in cursor.handled
         }
         # Jobs waiting for their Dagster run may have left the window: look them up.
-        for job_id in cursor.waiting.keys() - ended.keys():
+        for job_id in sorted(cursor.waiting.keys() - ended.keys()):
             job = pipeline_runner.get(job_id)
-            if job is not None:
+            if job is None:  # deleted meanwhile: nothing left to wait for
+                context.log.warning(f"{job_id}: the job is gone; no longer waiting for it")
+                del cursor.waiting[job_id]
+            else:
                 ended[job_id] = job
         tick = Tick()
         now = datetime.now(UTC).timestamp()
         for job in sorted(ended.values(), key=lambda job: (job.end_time, job.job_id)):
             try:
-                done = handle_job(
-                    context, job, tick, runner=pipeline_runner, artifacts=artifacts, alerts=alerts
-                )
-            except (KeyError, TypeError, ValueError) as error:
-                # A job this code cannot read (say, from an older template) must not stop
-                # every later tick: report it and go on. API errors still fail the tick,
-                # which is retried with the same cursor.
+                done = handle_job(context, job, tick, runner=pipeline_runner, artifacts=artifacts)
+            except (LookupError, TypeError, ValueError) as error:
+                # A job this code cannot read (from an older template, or whose artifacts
+                # are gone: ArtifactError is a LookupError) must not stop every later tick:
+                # report it and go on. API errors still fail the tick, which is evaluated
+                # again with the same cursor.
                 context.log.exception(f"{job.job_id}: cannot record it")
-                alerts.send(
-                    f"Pipeline job not recorded: {job.job_id}",
-                    f"{type(error).__name__}: {error}",
-                    job.links,
+                tick.alerts.append(
+                    (
+                        f"Pipeline job not recorded: {job.job_id}",
+                        f"{type(error).__name__}: {error}",
+                        job.links,
+                    )
                 )
                 done = True
             if done:
@@ -255,6 +264,8 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
             else:
                 cursor.waiting[job.job_id] = job.end_time.timestamp()
         cursor.forget_before(lookback)
+        for title, text, links in tick.alerts:
+            alerts.send(title, text, links)
         return dg.SensorResult(
             run_requests=tick.run_requests, asset_events=tick.asset_events, cursor=cursor.dump()
         )

@@ -183,6 +183,7 @@ class _Fault:
     status: int
     after_apply: bool  # handle the request, then answer the error (a lost response)
     message: str
+    skip: int = 0  # requests of that kind answered normally before the fault
 
 
 @dataclass
@@ -321,11 +322,13 @@ class FakeVertex:
         *,
         after_apply: bool = False,
         message: str = "injected by the fake",
+        skip: int = 0,
     ) -> None:
         """Answer the next ``count`` requests of ``kind`` (create, get, list, cancel) with
-        ``status``; with ``after_apply`` the request takes effect first (a lost response)."""
+        ``status``, after ``skip`` more of them were answered normally; with ``after_apply``
+        the request takes effect first (a lost response)."""
         with self._lock:
-            self._faults.append(_Fault(kind, count, status, after_apply, message))
+            self._faults.append(_Fault(kind, count, status, after_apply, message, skip))
 
     def calls(self, kind: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.kind == kind]
@@ -353,7 +356,10 @@ class FakeVertex:
             body = None
         with self._lock:
             fault = next((f for f in self._faults if f.kind == kind and f.remaining), None)
-            if fault:
+            if fault and fault.skip:
+                fault.skip -= 1
+                fault = None
+            elif fault:
                 fault.remaining -= 1
             try:
                 if fault and not fault.after_apply:

@@ -562,6 +562,22 @@ def test_one_job_the_sensor_cannot_read_does_not_stop_the_others(branch):
     assert branch.tick().run_keys == []
 
 
+def test_a_tick_that_fails_half_way_alerts_nothing_and_its_retry_alerts_once(branch):
+    first = branch.start_job(day="2013-10-01", ends="FAILED", after=60)
+    second = branch.start_job(day="2013-10-02", ends="FAILED", after=120)
+    branch.clock.advance(121)
+    # The first job's look-up answers; the second's is refused: the tick fails.
+    branch.vertex.fail_next("get", 1, 403, skip=1)
+    with pytest.raises(Exception, match="403"):
+        branch.tick()
+    assert branch.alerts.sent == [] and branch.cursor is None
+    branch.tick()  # evaluated again with the same cursor, as the daemon does
+    assert [title for title, _, _ in branch.alerts.sent] == [
+        f"Pipeline job failed: {job_id(first)}",
+        f"Pipeline job failed: {job_id(second)}",
+    ]
+
+
 # -- a training job started outside Dagster (its evaluation plot is read from GCS) ----------
 
 
@@ -595,3 +611,19 @@ def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gc
     assert check.asset_key == MODEL_KEY and check.check_name == "beats_baseline"
     assert check.passed
     assert branch.tick().result.asset_events == []
+
+
+def test_a_training_job_whose_plot_is_gone_does_not_stop_the_sensor(branch):
+    outputs = {
+        "model": {"uri": f"{branch.settings.pipeline_root}/m/model", "metadata": {}},
+        "metrics": {"metadata": {"roc_auc": 0.78, "baseline_roc_auc": 0.69}},
+        "evaluation_plot": {"uri": f"{branch.settings.pipeline_root}/gone/plot", "metadata": {}},
+    }
+    trained = branch.start_job(MODEL_ASSET, after=60, outputs=outputs)
+    later = branch.start_job(day="2013-10-02", after=120)
+    branch.clock.advance(121)
+    assert branch.tick().run_keys == [later]
+    ((title, text, _),) = branch.alerts.sent
+    assert title == f"Pipeline job not recorded: {job_id(trained)}"
+    assert "ArtifactError" in text and "gone/plot" in text
+    assert branch.tick().run_keys == [] and len(branch.alerts.sent) == 1

@@ -194,6 +194,18 @@ def test_a_job_of_a_running_dagster_run_waits_for_it(world):
     # Its run recorded the materialization itself; the sensor adds none.
 
 
+def test_a_waited_for_job_that_is_deleted_is_no_longer_waited_for(world):
+    run_id = world.dagster_run(dg.DagsterRunStatus.STARTED)
+    job_id = world.add_job(dagster_run_id=run_id, ended=time.time() - 3600)  # before the window
+    world.add_job()  # a later one moves the window past it
+    world.tick()
+    assert json.loads(world.cursor)["waiting"].keys() == {job_id}
+    with world.store._connect() as db:
+        db.execute("DELETE FROM pipeline_jobs WHERE job_id = ?", [job_id])
+    assert run_keys(world.tick()) == []
+    assert json.loads(world.cursor)["waiting"] == {}
+
+
 def test_a_dagster_run_that_refreshed_the_reporting_needs_nothing_more(world):
     run_id = world.dagster_run(dg.DagsterRunStatus.SUCCESS)
     world.add_job(dagster_run_id=run_id, ended=time.time() - 5)
