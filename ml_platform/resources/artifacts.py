@@ -56,9 +56,10 @@ class LocalArtifactStore(ArtifactStore):
 
 
 def split_gcs_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("gs://"):
-        raise ArtifactError(f"not a GCS uri: {uri!r}")
+    """``gs://bucket/name`` as (bucket, name); the name may be empty (a bucket's root)."""
     bucket, _, name = uri.removeprefix("gs://").partition("/")
+    if not uri.startswith("gs://") or not bucket:
+        raise ArtifactError(f"not a GCS uri (gs://BUCKET/...): {uri!r}")
     return bucket, name
 
 
@@ -72,8 +73,8 @@ class GcsArtifactStore(ArtifactStore):
     def __init__(
         self, root: str, *, project: str | None = None, credentials=None, timeout: float = 60.0
     ) -> None:
-        split_gcs_uri(root)  # validates
         self._root = root.rstrip("/")
+        split_gcs_uri(self._root)  # validates
         self.project = project
         self.credentials = credentials  # None: Application Default Credentials
         self.timeout = timeout
@@ -94,6 +95,8 @@ class GcsArtifactStore(ArtifactStore):
         from google.api_core import exceptions
 
         bucket, name = split_gcs_uri(uri)
+        if not name:
+            raise ArtifactError(f"cannot read artifact {uri}: it names no object")
         try:
             blob = self.client().bucket(bucket).blob(name)
             return blob.download_as_bytes(timeout=self.timeout)
@@ -106,12 +109,21 @@ class GcsArtifactStore(ArtifactStore):
             raise ArtifactError(f"refusing to delete {prefix!r}: not a prefix inside {self.root}")
         bucket_name, root_name = split_gcs_uri(self.root)
         full = f"{root_name}/{prefix}/" if root_name else f"{prefix}/"
+        from google.api_core import exceptions
+
         bucket = self.client().bucket(bucket_name)
         deleted = 0
-        # list_blobs pages through everything under the prefix; delete in batches.
-        for page in self.client().list_blobs(bucket, prefix=full, timeout=self.timeout).pages:
-            blobs = list(page)
-            if blobs:
-                bucket.delete_blobs(blobs, timeout=self.timeout)
-                deleted += len(blobs)
-        return deleted
+        gone: list[object] = []  # deleted meanwhile (a second cleanup, a lifecycle rule)
+        try:
+            # list_blobs pages through everything under the prefix; delete in batches.
+            pages = self.client().list_blobs(bucket, prefix=full, timeout=self.timeout).pages
+            for page in pages:
+                blobs = list(page)
+                if blobs:
+                    bucket.delete_blobs(blobs, on_error=gone.append, timeout=self.timeout)
+                    deleted += len(blobs)
+        except exceptions.GoogleAPICallError as error:
+            raise ArtifactError(
+                f"cannot delete gs://{bucket_name}/{full} ({deleted} objects deleted): {error}"
+            ) from error
+        return deleted - len(gone)

@@ -1,5 +1,7 @@
 """The GCS artifact store through the official storage client and a real fake-gcs-server."""
 
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,29 @@ def test_the_local_store(tmp_path: Path):
     assert artifacts.read_bytes(str(tmp_path / "job-1" / "model")) == b"m"
     assert artifacts.delete_prefix("job-1") == 1
     assert not (tmp_path / "job-1").exists()
+
+
+def test_two_cleanups_at_once_delete_everything_once_and_neither_fails(gcs):
+    # A re-run of the pull request's cleanup job while the first is still deleting.
+    for i in range(400):
+        put(gcs, f"pipeline_root/branch/pr-8/job-{i // 100}/artifact-{i}")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = list(pool.map(lambda _: store(gcs).delete_prefix("branch/pr-8"), range(2)))
+    assert sum(counts) == 400
+    assert not list(gcs.list_blobs(BUCKET, prefix="pipeline_root/branch/pr-8/"))
+
+
+@pytest.mark.parametrize("uri", ["gs://", "s3://acme-ml-pipelines/x", f"gs://{BUCKET}"])
+def test_a_malformed_artifact_uri_is_named(gcs, uri: str):
+    with pytest.raises(ArtifactError, match=re.escape(repr(uri)) + "|names no object"):
+        store(gcs).read_bytes(uri)
+
+
+def test_a_store_needs_a_bucket_and_says_which_prefix_it_could_not_delete(gcs):
+    with pytest.raises(ArtifactError, match="not a GCS uri"):
+        GcsArtifactStore("gs://")
+    missing = GcsArtifactStore(
+        "gs://no-such-bucket/pipeline_root", project="acme-ml", credentials=AnonymousCredentials()
+    )
+    with pytest.raises(ArtifactError, match=r"cannot delete gs://no-such-bucket/pipeline_root/"):
+        missing.delete_prefix("branch/pr-8")
