@@ -629,8 +629,16 @@ def test_code_location_repository(stack: Stack):
         ecr.get_lifecycle_policy(repositoryName="ml-platform")["lifecyclePolicyText"]
     )
     keep = [r for r in rules["rules"] if r["selection"]["countType"] == "imageCountMoreThan"]
-    assert [r["selection"]["countNumber"] for r in keep] == [100]
-    assert max(rules["rules"], key=lambda r: r["rulePriority"])["selection"]["tagStatus"] == "any"
+    assert [r["selection"]["countNumber"] for r in keep] == [10, 100]
+    # The images deployed from main are selected first, so the catch-all count (the last
+    # rule, lowest priority) can never expire what prod runs.
+    main, catch_all = sorted(keep, key=lambda r: r["rulePriority"])
+    assert main["selection"]["tagPrefixList"] == ["main-"]
+    assert main["selection"]["tagStatus"] == "tagged"
+    assert max(rules["rules"], key=lambda r: r["rulePriority"]) == catch_all
+    assert catch_all["selection"]["tagStatus"] == "any"
+    deploy = (DEPLOY_DIR.parents[1] / ".github" / "workflows" / "deploy.yml").read_text()
+    assert re.search(r"IMAGE_TAG=main-\$\{HEAD_SHA\}", deploy)
 
 
 def test_security_group_lets_the_agent_reach_code_servers(stack: Stack):

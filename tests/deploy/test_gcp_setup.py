@@ -71,8 +71,8 @@ def publish_tags() -> set[str]:
 def test_releases_are_kept_and_commit_builds_expire():
     tags = publish_tags()
     # The release workflow's version tag (from `on: push: tags: [v*]`) and `latest`; the
-    # deploy workflow's per-commit tag.
-    assert {"$TAG", "latest"} <= tags
+    # deploy workflow's per-commit tag, and `prod` on what prod runs.
+    assert {"$TAG", "latest", "prod"} <= tags
     assert any(tag.startswith("sha-") for tag in tags)
     policies = cleanup_policies()
     kept_prefixes = {
@@ -81,7 +81,7 @@ def test_releases_are_kept_and_commit_builds_expire():
         if policy["action"]["type"] == "Keep" and "condition" in policy
         for prefix in policy["condition"].get("tagPrefixes", [])
     }
-    for release in ("v1.2.0", "v1.3.0-rc.1", "latest"):
+    for release in ("v1.2.0", "v1.3.0-rc.1", "latest", "prod"):
         assert any(release.startswith(prefix) for prefix in kept_prefixes), release
     assert not any("sha-0123abc".startswith(prefix) for prefix in kept_prefixes)
     # Commit builds still survive a quiet month: the newest versions are kept regardless.

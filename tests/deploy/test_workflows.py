@@ -391,6 +391,12 @@ def step_env(role: str, step: dict[str, Any], github: dict[str, Any]) -> dict[st
     return {key: resolve(str(value), github) for key, value in env.items()}
 
 
+def step_named(role: str, name: str) -> dict[str, Any]:
+    _, job = job_with_role(role)
+    (step,) = [step for step in steps_of(job) if step.get("name") == name]
+    return step
+
+
 def step_running(role: str, text: str) -> dict[str, Any]:
     _, job = job_with_role(role)
     (step,) = [step for step in steps_of(job) if text in step.get("run", "")]
@@ -719,7 +725,7 @@ def test_the_deploy_publishes_its_commits_templates_as_its_own_deployment(
     scenario: str, deployment: Deployment, tmp_path: Path
 ):
     github, _ = SCENARIOS[scenario]
-    step = step_running("deploy", "ml-platform pipelines publish")
+    step = step_named("deploy", "Publish this commit's pipeline templates")
     assert step["run"].strip().endswith('publish --tag "$ML_PLATFORM_TEMPLATE_TAG"')
     env = deploy_environment(github, tmp_path) | step_env("deploy", step, github)
     settings = Settings.from_env(env)
@@ -728,6 +734,30 @@ def test_the_deploy_publishes_its_commits_templates_as_its_own_deployment(
     assert settings.artifact_registry_url == "https://europe-west4-kfp.pkg.dev/acme-ml/pipelines"
     if deployment is Deployment.BRANCH:
         assert settings.pull_request_id == str(PR_NUMBER)
+
+
+def test_what_prod_runs_is_tagged_prod_once_deployed_and_only_from_main(tmp_path: Path):
+    _, job = job_with_role("deploy")
+    names = [step.get("name") for step in steps_of(job)]
+    step = step_named("deploy", "Mark what prod runs")
+    # After the deploy succeeded (a failed deploy leaves the tags on what prod still runs).
+    assert names.index("Mark what prod runs") > names.index("Deploy to Dagster+")
+    assert "if" in step and "always()" not in step["if"]
+    for scenario, marks in [("push to main", True), ("pull request opened", False)]:
+        github, _ = SCENARIOS[scenario]
+        assert bool(Expression(step["if"], github).evaluate()) is marks, scenario
+    # Images built from main carry the prefix ECR's lifecycle policy keeps (agent.yaml).
+    pull_request_env = deploy_environment(SCENARIOS["pull request opened"][0], tmp_path)
+    assert pull_request_env["IMAGE_TAG"].startswith(HEAD_SHA)
+    github, _ = SCENARIOS["push to main"]
+    env = deploy_environment(github, tmp_path) | step_env("deploy", step, github)
+    assert env["IMAGE_TAG"].startswith(f"main-{HEAD_SHA}-")
+    assert Settings.from_env(env).deployment is Deployment.PROD
+    # The same templates as the publish step (same tag, same image), now also tagged prod,
+    # and the components image prod's templates name, by digest.
+    assert 'publish --tag "$ML_PLATFORM_TEMPLATE_TAG" --tag prod' in step["run"]
+    assert '"${COMPONENT_IMAGE_REPOSITORY}:prod"' in step["run"]
+    assert step["run"].rstrip().endswith('"$ML_PLATFORM_COMPONENT_IMAGE"')
 
 
 def test_the_smoke_run_is_valid_for_the_code_locations_definitions(local_settings: Settings):
