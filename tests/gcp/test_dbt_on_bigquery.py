@@ -64,7 +64,7 @@ MODELS = {
         "scored_flights": ["flight_key"],
         "daily_delay_report": ["flight_date"],
         "carrier_route_risk": ["carrier", "origin", "dest"],
-        "prediction_calibration": ["decile"],
+        "prediction_calibration": ["model_version", "decile"],
     },
 }
 
@@ -277,7 +277,9 @@ def summary(side: Side) -> dict[str, object]:
     training = side.read("features", "training_data")
     daily = side.read("reporting", "daily_delay_report").sort_values("flight_date")
     risk = side.read("reporting", "carrier_route_risk")
-    calibration = side.read("reporting", "prediction_calibration").sort_values("decile")
+    calibration = side.read("reporting", "prediction_calibration").sort_values(
+        ["model_version", "decile"]
+    )
     delayed = training["is_delayed"].astype(float)
     return {
         "rows": {
@@ -302,6 +304,8 @@ def summary(side: Side) -> dict[str, object]:
         "riskiest route per carrier": sorted(
             f"{r.carrier}:{r.origin}-{r.dest}" for r in risk.itertuples() if r.risk_rank == 1
         ),
+        "routes with a predicted delay rate": int(risk["predicted_delay_rate"].notna().sum()),
+        "route predicted delay rate, summed": round(float(risk["predicted_delay_rate"].sum()), 9),
         "calibration flights": [int(v) for v in calibration["flights"]],
         "calibration gap": [round(float(v), 12) for v in calibration["calibration_gap"]],
     }

@@ -151,6 +151,19 @@ def test_every_pipeline_run_is_a_labelled_job_record(graph: Graph):
 def test_reporting_tables(graph: Graph):
     assert graph.count("flights_reporting.daily_delay_report") == 2
     assert graph.count("flights_reporting.prediction_calibration") == 10
+    # Deciles per model: one model scored these days, so one model's ten deciles.
+    assert graph.sql(
+        "select count(distinct model_version), min(decile), max(decile) "
+        "from flights_reporting.prediction_calibration"
+    ) == [(1, 1, 10)]
+    # Route predictions are compared with outcomes over the same (departed) flights.
+    assert graph.sql(
+        "select count(*) from flights_reporting.carrier_route_risk r where not exists ("
+        " select 1 from flights_reporting.scored_flights f where f.carrier = r.carrier"
+        " and f.origin = r.origin and f.dest = r.dest and f.actual_delayed is not null"
+        " group by 1 having abs(avg(f.delay_probability) - r.predicted_delay_rate) < 1e-9)"
+        " and r.flights_with_outcome > 0"
+    ) == [(0,)]
     rates = graph.sql(
         "select predicted_delay_rate, actual_delay_rate from flights_reporting.daily_delay_report"
     )

@@ -1,5 +1,6 @@
 -- Per carrier and route (origin -> dest) over all scored flights: the mean predicted delay
--- probability, the actual delay rate over the flights that departed, and each route's
+-- probability (the route's risk as scheduled, cancelled flights included), the predicted
+-- and the actual delay rate over the same flights, those that departed, and each route's
 -- rank within its carrier by predicted risk (1 = riskiest).
 with routes as (
     select
@@ -10,6 +11,9 @@ with routes as (
         cast(sum(is_cancelled) as {{ dbt.type_bigint() }}) as cancelled_flights,
         count(actual_delayed) as flights_with_outcome,
         avg(delay_probability) as mean_predicted_probability,
+        -- Cancelled flights have no outcome: compare like with like.
+        avg(case when actual_delayed is not null then delay_probability end)
+            as predicted_delay_rate,
         avg(cast(actual_delayed as {{ type_double() }})) as actual_delay_rate
     from {{ ref('scored_flights') }}
     where has_features = 1
@@ -29,6 +33,7 @@ select
     routes.cancelled_flights,
     routes.flights_with_outcome,
     routes.mean_predicted_probability,
+    routes.predicted_delay_rate,
     routes.actual_delay_rate,
     row_number() over (
         partition by routes.carrier
