@@ -289,12 +289,14 @@ class FaultProxy:
     Every request is forwarded as it is (with its Host header, so resumable upload
     locations point back at the proxy), except those matching an armed ``Fault``, which
     get a BigQuery-shaped error without reaching the emulator. ``requests`` records
-    ``(method, path, status)`` of everything the proxy answered.
+    ``(method, path, status)`` of everything the proxy answered, ``authorizations`` the
+    Authorization header of every request.
     """
 
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str, int]] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
     _server: LoopbackServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -340,6 +342,8 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.authorizations.append(self.headers.get("Authorization"))
                 fault = proxy._match(self.command, self.path, body)
                 if fault is not None:
                     error: dict[str, object] = {"code": fault.status, "message": fault.message}

@@ -34,7 +34,6 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from ml_platform.resources.google_credentials import (
     google_credentials,
 )
 from ml_platform.settings import EcsTaskRole, Settings, SettingsError
-from tests.gcp.bigquery_emulator import Tripwire, bq_emulator
+from tests.gcp.bigquery_emulator import FaultProxy, Tripwire, bq_emulator
 from tests.gcp.loopback import LoopbackServer
 
 __all__ = ["bq_emulator"]  # the session fixture, imported for pytest
@@ -691,58 +690,6 @@ def test_every_google_client_gets_the_same_credentials(
 # -- dbt ---------------------------------------------------------------------------------
 
 
-@dataclass
-class RecordingProxy:
-    """Forwards to ``upstream`` and records every request's Authorization header."""
-
-    upstream: str
-    authorizations: list[str | None] = field(default_factory=list)
-    _server: LoopbackServer | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None
-        return self._server.url
-
-    def __enter__(self) -> RecordingProxy:
-        proxy = self
-        host, _, port = self.upstream.removeprefix("http://").partition(":")
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                proxy.authorizations.append(self.headers.get("Authorization"))
-                upstream = HTTPConnection(host, int(port), timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                answer = upstream.getresponse()
-                content = answer.read()
-                skip = {"transfer-encoding", "connection", "content-length"}
-                self.send_response(answer.status)
-                for key, value in answer.getheaders():
-                    if key.lower() not in skip:
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-                upstream.close()
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-        self._server = LoopbackServer(Handler)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        assert self._server is not None
-        self._server.close()
-
-
 def test_dbt_gets_a_fresh_token_in_its_environment_only(
     monkeypatch: pytest.MonkeyPatch, cloud: FakeCloud, bq_emulator, tmp_path: Path
 ):
@@ -754,7 +701,7 @@ def test_dbt_gets_a_fresh_token_in_its_environment_only(
     )
     from tests.gcp.bigquery_emulator import PROJECT as EMULATOR_PROJECT
 
-    with RecordingProxy(bq_emulator.endpoint) as proxy:
+    with FaultProxy(bq_emulator.endpoint) as proxy:  # no faults: it records what dbt sends
         settings = on_ecs(
             monkeypatch,
             cloud,
