@@ -104,13 +104,13 @@ class GcsArtifactStore(ArtifactStore):
             raise ArtifactError(f"cannot read artifact {uri}: {error}") from error
 
     def delete_prefix(self, prefix: str) -> int:
+        from google.api_core import exceptions
+
         prefix = prefix.strip("/")
         if not prefix or ".." in prefix.split("/"):
             raise ArtifactError(f"refusing to delete {prefix!r}: not a prefix inside {self.root}")
         bucket_name, root_name = split_gcs_uri(self.root)
         full = f"{root_name}/{prefix}/" if root_name else f"{prefix}/"
-        from google.api_core import exceptions
-
         bucket = self.client().bucket(bucket_name)
         deleted = 0
         gone: list[object] = []  # deleted meanwhile (a second cleanup, a lifecycle rule)

@@ -268,17 +268,21 @@ class LocalPipelineRunner(PipelineRunner):
                 )
         except BaseException as error:
             # No worker will ever run it: record that, or a retry would reattach and wait.
-            self._fail_unstarted(request.job_id, f"could not start the local worker: {error}")
+            self._fail(request.job_id, f"could not start the local worker: {error}")
             raise
         self._children[request.job_id] = child
         self.store.update(request.job_id, pid=child.pid)
         return self.get(request.job_id)
 
-    def _fail_unstarted(self, job_id: str, error: str) -> None:
+    def _fail(self, job_id: str, error: str) -> None:
+        """Record that no worker will end the job (unless it ended meanwhile)."""
         self.store.update(
-            job_id, only_from=[JobState.QUEUED], state=str(JobState.FAILED), end_time=_now(),
+            job_id,
+            only_from=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING],
+            state=str(JobState.FAILED),
+            end_time=_now(),
             error=error,
-        )  # fmt: skip
+        )
 
     def get(self, job_id: str) -> PipelineJob | None:
         row = self.store.row(job_id)
@@ -295,7 +299,7 @@ class LocalPipelineRunner(PipelineRunner):
             and row["pid"] is None
             and _now() - row["create_time"] > UNSTARTED_WORKER_SECONDS
         ):
-            self._fail_unstarted(
+            self._fail(
                 job_id,
                 f"no local worker was started within {UNSTARTED_WORKER_SECONDS} s of its "
                 "submission (the submitting process died?)",
@@ -303,12 +307,9 @@ class LocalPipelineRunner(PipelineRunner):
             row = self.store.row(job_id)
         elif running and row["pid"] is not None and not _worker_alive(row["pid"], job_id):
             # The worker died without recording an end (killed, out of memory).
-            self.store.update(
+            self._fail(
                 job_id,
-                only_from=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING],
-                state=str(JobState.FAILED),
-                end_time=_now(),
-                error=f"the local worker (pid {row['pid']}) exited without recording a result; "
+                f"the local worker (pid {row['pid']}) exited without recording a result; "
                 f"see {row['log_path']}",
             )
             row = self.store.row(job_id)
