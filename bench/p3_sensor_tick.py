@@ -54,9 +54,9 @@ sys.path.insert(0, str(PROJECT_DIR))  # for tests.gcp.fake_vertex
 import dagster as dg  # noqa: E402
 
 from ml_platform.definitions import build_definitions  # noqa: E402
-from ml_platform.resources.local_pipelines import JobStore, LocalPipelineRunner  # noqa: E402
-from ml_platform.resources.template_registry import LocalTemplateRegistry  # noqa: E402
-from ml_platform.resources.vertex_pipelines import VertexPipelineRunner  # noqa: E402
+from ml_platform.resources.pipeline_runs.local import JobStore, LocalPipelineRunner  # noqa: E402
+from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner  # noqa: E402
+from ml_platform.resources.templates.local import LocalTemplateRegistry  # noqa: E402
 from ml_platform.sensors import SENSOR_NAME, Cursor  # noqa: E402
 from ml_platform.settings import Settings  # noqa: E402
 from tests.gcp.fake_vertex import FakeVertex  # noqa: E402

@@ -27,13 +27,13 @@ from google.auth.credentials import AnonymousCredentials  # noqa: E402
 
 from ml_platform.pipelines import TRAINING_PIPELINE  # noqa: E402
 from ml_platform.pipelines.compile import compile_pipeline  # noqa: E402
-from ml_platform.resources.pipeline_runner import JobRequest  # noqa: E402
-from ml_platform.resources.template_registry import (  # noqa: E402
+from ml_platform.resources.pipeline_runs import JobRequest  # noqa: E402
+from ml_platform.resources.pipeline_runs.vertex import VERTEX_POLL, VertexPipelineRunner  # noqa: E402
+from ml_platform.resources.templates import (  # noqa: E402
     TemplateRegistry,
     TemplateVersion,
     template_version_of,
 )
-from ml_platform.resources.vertex_pipelines import VERTEX_POLL, VertexPipelineRunner  # noqa: E402
 from tests.gcp.fake_vertex import FakeClock, FakeVertex  # noqa: E402
 
 HOUR = 3600.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dagster as dg
 
 from ml_platform.resources.alerts import Alerts, LogAlerts
-from ml_platform.resources.slack_alerts import SlackAlerts
+from ml_platform.resources.alerts.slack import SlackAlerts
 from ml_platform.settings import Deployment, Settings
 
 RUN_FAILURE_SENSOR = "slack_on_run_failure"

@@ -19,10 +19,9 @@ REPORTING_TABLES = ("daily_delay_report", "carrier_route_risk", "prediction_cali
 
 def _instance(settings: Settings):
     import dagster as dg
-    from dagster._core.instance.ref import InstanceRef
 
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(settings.dagster_home)))
+    return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
 def materialize(settings: Settings, days: int) -> int:
@@ -31,7 +30,7 @@ def materialize(settings: Settings, days: int) -> int:
     from ml_platform.assets.model import MODEL_KEY
     from ml_platform.definitions import build_definitions
     from ml_platform.launch import PREDICTIONS_TABLE
-    from ml_platform.resources.warehouse import DuckDBWarehouse
+    from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 
     if not settings.is_local:
         print("materialize runs the local deployment only", file=sys.stderr)
@@ -106,7 +105,7 @@ def _pipeline_names(args) -> list[str]:
 
 def compile_command(settings: Settings, args) -> int:
     from ml_platform.pipelines.compile import compile_pipeline
-    from ml_platform.resources.template_registry import template_version_of
+    from ml_platform.resources.templates import template_version_of
 
     for name in _pipeline_names(args):
         path = compile_pipeline(
@@ -130,7 +129,7 @@ def publish_command(settings: Settings, args) -> int:
 def run_command(settings: Settings, args) -> int:
     from ml_platform import launch
     from ml_platform.resources.backends import build_resources
-    from ml_platform.resources.pipeline_runner import PipelineJobError
+    from ml_platform.resources.pipeline_runs import PipelineJobError
 
     resources = build_resources(settings)
     runner, templates = resources["pipeline_runner"], resources["templates"]
@@ -187,7 +186,7 @@ def run_command(settings: Settings, args) -> int:
 
 def list_command(settings: Settings, args) -> int:
     from ml_platform.resources.backends import build_resources
-    from ml_platform.resources.pipeline_runner import JobState
+    from ml_platform.resources.pipeline_runs import JobState
 
     runner = build_resources(settings)["pipeline_runner"]
     states = [JobState[state] for state in args.state] if args.state else None
@@ -210,7 +209,7 @@ def cleanup_command(settings: Settings, args) -> int:
     GCS prefix. The names come from Settings, whose guard never yields a prod dataset."""
     from ml_platform.resources.artifacts import GcsArtifactStore
     from ml_platform.resources.backends import build_resources
-    from ml_platform.resources.google_credentials import google_credentials
+    from ml_platform.resources.gcp_credentials import google_credentials
 
     if settings.is_local:
         raise SystemExit("branch cleanup needs the Google Cloud settings (see README)")
@@ -298,7 +297,7 @@ def _positive(text: str) -> int:
 
 
 def _job_states():
-    from ml_platform.resources.pipeline_runner import JobState
+    from ml_platform.resources.pipeline_runs import JobState
 
     return JobState
 

@@ -50,7 +50,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=[ingest, dbt_features, model, predictions, dbt_reporting],
         jobs=[training_job, predictions_job, reporting_job],
-        schedules=build_schedules(predictions_job),
+        schedules=build_schedules(predictions_job.name),
         sensors=[build_completion_sensor(settings), *alert_sensors],
         resources={**build_resources(settings), "alerts": alerts},
         # Locally, steps run one after another in the run's own process: the warehouse

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     JobRequest,
     JobState,
     PipelineJob,
     PipelineRunner,
     make_job_id,
 )
-from ml_platform.resources.template_registry import TemplateRegistry, TemplateVersion
+from ml_platform.resources.templates import TemplateRegistry, TemplateVersion
 from ml_platform.settings import Settings
 
 MODEL_ASSET = "flight_delay_model"

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from ml_platform.assets.predictions import DAILY_2013
 
-if TYPE_CHECKING:
-    # What define_asset_job returns; dagster does not export the name at top level.
-    from dagster._core.definitions.unresolved_asset_job_definition import (
-        UnresolvedAssetJobDefinition,
-    )
-
 SCORE_DAILY_SCHEDULE = "score_flights_daily"
 
 
-def build_schedules(
-    predictions_job: UnresolvedAssetJobDefinition | dg.JobDefinition,
-) -> list[dg.ScheduleDefinition]:
+def build_schedules(predictions_job: str) -> list[dg.ScheduleDefinition]:
     """At 06:00 UTC, score the day that just ended (the latest complete daily partition).
 
     Not ``build_schedule_from_partitioned_job``: past its partitions' end it keeps
@@ -31,7 +22,7 @@ def build_schedules(
 
     @dg.schedule(
         name=SCORE_DAILY_SCHEDULE,
-        job=predictions_job,
+        job_name=predictions_job,
         # 06:00 UTC is 01:00 (EST) or 02:00 (EDT) in New York: the flights' dates are New
         # York dates, so the day's last departure is over, and the scores are in before the
         # working day starts there.

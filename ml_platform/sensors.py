@@ -37,7 +37,7 @@ from ml_platform.assets.predictions import DAILY_2013, PREDICTIONS_KEY, predicti
 from ml_platform.launch import MODEL_ASSET, PIPELINE_OF_ASSET, PREDICTIONS_ASSET
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.artifacts import ArtifactStore
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobState,
     PipelineJob,

@@ -74,7 +74,7 @@ class EcsTaskRole:
 
     ECS sets these variables in every task whose task definition names a task role (and
     AWS SDKs read them from there). They are read with the rest of the environment here
-    and handed to the Google credentials (``resources/google_credentials.py``), because
+    and handed to the Google credentials (``resources/gcp_credentials.py``), because
     google-auth's own AWS source knows only access-key variables and the EC2 metadata
     service, and Fargate has neither.
     """

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+# Private, no public API: DbtCliResource.cli takes no environment of its own (see start_dbt).
 from dagster._utils.env import environ
 from dagster_dbt import (
     DagsterDbtTranslator,
@@ -30,7 +32,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
-from ml_platform.resources.google_credentials import (
+from ml_platform.resources.gcp_credentials import (
     DBT_ACCESS_TOKEN_VARIABLE,
     dbt_uses_access_token,
     fresh_access_token,

@@ -9,8 +9,8 @@ import dagster as dg
 from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
 from ml_platform.launch import MODEL_ASSET, beats_baseline, training_parameters
 from ml_platform.resources.artifacts import ArtifactStore
-from ml_platform.resources.pipeline_runner import PipelineJob, PipelineRunner
-from ml_platform.resources.template_registry import TemplateRegistry
+from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
+from ml_platform.resources.templates import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
 

@@ -6,8 +6,8 @@ from typing import Any
 import dagster as dg
 
 from ml_platform.launch import job_request
-from ml_platform.resources.pipeline_runner import PipelineJob, PipelineRunner
-from ml_platform.resources.template_registry import TemplateRegistry
+from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
+from ml_platform.resources.templates import TemplateRegistry
 from ml_platform.settings import Settings
 
 

@@ -30,7 +30,7 @@ def load_training_data(
     from datetime import date
 
     from ml_platform.pipelines import model
-    from ml_platform.resources.warehouse import open_warehouse
+    from ml_platform.resources.backends import open_warehouse
 
     cutoff = date.fromisoformat(cutoff_date)
     rows = open_warehouse(warehouse_uri).read_table(
@@ -104,7 +104,7 @@ def score_flights(
     from datetime import date, timedelta
 
     from ml_platform.pipelines import model as flight_model
-    from ml_platform.resources.warehouse import open_warehouse
+    from ml_platform.resources.backends import open_warehouse
 
     # The model is read first: an unreadable artifact fails before the warehouse is touched.
     estimator, model_version = flight_model.load_model(model.path)

@@ -1,29 +1,50 @@
-"""Picks the implementation of every interface for a deployment, from its settings."""
+"""The one place that names both backends of every outside system.
+
+``build_resources`` picks them for a deployment, from its settings; ``open_warehouse``
+reopens a warehouse from its ``uri`` inside a pipeline component. Importing this module is
+cheap (every backend imports its SDK on first use), and it imports no Dagster at module top,
+because pipeline components import it in processes of their own.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from dagster_dbt import DbtCliResource
-
-from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
 from ml_platform.resources.artifacts import GcsArtifactStore, LocalArtifactStore
-from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
-from ml_platform.resources.google_credentials import (
+from ml_platform.resources.gcp_credentials import (
     DBT_ACCESS_TOKEN_TARGET,
     dbt_uses_access_token,
     google_credentials,
 )
-from ml_platform.resources.local_pipelines import LocalPipelineRunner
-from ml_platform.resources.template_registry import LocalTemplateRegistry
-from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
-from ml_platform.resources.warehouse import DuckDBWarehouse
+from ml_platform.resources.pipeline_runs.local import LocalPipelineRunner
+from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
+from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates
+from ml_platform.resources.templates.local import LocalTemplateRegistry
+from ml_platform.resources.warehouse import Warehouse, WarehouseError
+from ml_platform.resources.warehouse.bigquery import BigQueryWarehouse
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
+
+
+def open_warehouse(uri: str) -> Warehouse:
+    """Reopen a warehouse from its ``uri`` (what ``Warehouse.uri`` gives): how pipeline
+    components reach it."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "duckdb" and rest:
+        return DuckDBWarehouse(rest)
+    if scheme == "bigquery" and rest:
+        return BigQueryWarehouse.from_uri(uri)
+    raise WarehouseError(
+        f"unsupported warehouse uri {uri!r} "
+        "(expected duckdb:///path or bigquery://PROJECT?location=LOCATION)"
+    )
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
     """The resources of one deployment: warehouse, pipeline runner, templates, artifacts and
     dbt (the alert channel is chosen with the alert sensors, in ml_platform/alerting.py)."""
+    from dagster_dbt import DbtCliResource  # not at module top: pipeline components import us
+
     dbt = DbtCliResource(
         project_dir=str(DBT_PROJECT_DIR),
         # With workload identity federation, the BigQuery target that takes the access token

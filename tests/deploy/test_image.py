@@ -123,7 +123,7 @@ def test_the_container_is_healthy_runs_as_a_user_and_never_parsed_dbt(code_serve
 def test_the_components_image_runs_kfp_components_with_the_project(images):
     code = (
         "import kfp, sklearn, ml_platform.pipelines.model as m, "
-        "ml_platform.resources.bigquery_warehouse as b; print(kfp.__version__, m.TARGET)"
+        "ml_platform.resources.warehouse.bigquery as b; print(kfp.__version__, m.TARGET)"
     )
     done = podman("run", "--rm", COMPONENTS, "python3", "-c", code)
     assert done.stdout.split() == ["2.17.0", "is_delayed"]

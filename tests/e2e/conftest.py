@@ -163,7 +163,7 @@ def stop_pipeline_workers(project: ScratchProject) -> None:
     store = project.data_dir / "pipeline_jobs.sqlite"
     if not store.exists():
         return
-    from ml_platform.resources.local_pipelines import JobStore
+    from ml_platform.resources.pipeline_runs.local import JobStore
 
     rows = JobStore(store).query(labels=None, states=None, ended_after=None, page_size=100)
     for row in rows:

@@ -21,9 +21,9 @@ from dagster._core.instance.ref import InstanceRef
 from playwright.sync_api import Page, expect
 
 from ml_platform.assets.predictions import PREDICTIONS_KEY
-from ml_platform.resources.local_pipelines import JobStore, to_pipeline_job
-from ml_platform.resources.pipeline_runner import JobState
-from ml_platform.resources.warehouse import DuckDBWarehouse
+from ml_platform.resources.pipeline_runs import JobState
+from ml_platform.resources.pipeline_runs.local import JobStore, to_pipeline_job
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 from ml_platform.sensors import REPORTING_JOB, REPORTING_MARKER, SENSOR_NAME
 from ml_platform.settings import Settings, sanitize_label_value
 from tests.e2e.conftest import LOCATION, DagsterDev

@@ -252,7 +252,7 @@ def bigquery_warehouse(endpoint: str, *, retry_deadline: float = 5.0):
     """The project's BigQueryWarehouse on the emulator, with short retries."""
     from google.auth.credentials import AnonymousCredentials
 
-    from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
+    from ml_platform.resources.warehouse.bigquery import BigQueryWarehouse
 
     return BigQueryWarehouse(
         PROJECT,

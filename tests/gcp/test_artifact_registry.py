@@ -15,8 +15,11 @@ from google.auth import credentials as google_credentials
 from kfp.registry import ApiAuth
 
 from ml_platform.pipelines import TRAINING_PIPELINE
-from ml_platform.resources.artifact_registry import ArtifactRegistryError, ArtifactRegistryTemplates
-from ml_platform.resources.template_registry import TemplateError, TemplateVersion
+from ml_platform.resources.templates import TemplateError, TemplateVersion
+from ml_platform.resources.templates.artifact_registry import (
+    ArtifactRegistryError,
+    ArtifactRegistryTemplates,
+)
 from tests.gcp.fake_artifact_registry import API_HOST, FakeArtifactRegistry
 
 PACKAGE = "flight-delay-training"
@@ -246,7 +249,7 @@ def test_repository_urls_are_checked():
 def test_constructing_the_registry_imports_neither_kfp_nor_google():
     code = (
         "import sys\n"
-        "from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates\n"
+        "from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates\n"
         "ArtifactRegistryTemplates('https://us-central1-kfp.pkg.dev/p/r')\n"
         "heavy = [m for m in ('kfp', 'google.auth') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -21,8 +21,9 @@ from ml_platform.assets.ingest import (
     read_raw_table,
 )
 from ml_platform.pipelines.model import predictions_schema
-from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
-from ml_platform.resources.warehouse import WarehouseError, open_warehouse
+from ml_platform.resources.backends import open_warehouse
+from ml_platform.resources.warehouse import WarehouseError
+from ml_platform.resources.warehouse.bigquery import BigQueryWarehouse
 from tests.gcp.bigquery_emulator import (
     LOCATION,
     PROJECT,

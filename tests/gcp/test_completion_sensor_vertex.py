@@ -45,14 +45,14 @@ from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.compile import compile_pipeline
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.artifacts import GcsArtifactStore
-from ml_platform.resources.template_registry import (
-    LocalTemplateRegistry,
+from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
+from ml_platform.resources.templates import (
     TemplateError,
     TemplateRegistry,
     TemplateVersion,
     template_version_of,
 )
-from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
+from ml_platform.resources.templates.local import LocalTemplateRegistry
 from ml_platform.sensors import REPORTING_JOB, SENSOR_NAME, build_completion_sensor
 from ml_platform.settings import Deployment, Settings
 from tests.gcp.fake_vertex import FakeClock, FakeVertex, RecordedRequest

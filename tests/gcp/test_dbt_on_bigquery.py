@@ -23,7 +23,8 @@ import pytest
 
 from ml_platform.assets.ingest import load_raw_tables
 from ml_platform.pipelines import model as flight_model
-from ml_platform.resources.warehouse import DuckDBWarehouse, Warehouse
+from ml_platform.resources.warehouse import Warehouse
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 from ml_platform.settings import Deployment, Settings
 from tests.gcp.bigquery_emulator import (
     EMULATOR_TARGET,

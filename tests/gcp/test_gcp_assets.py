@@ -56,11 +56,11 @@ from ml_platform.definitions import build_definitions
 from ml_platform.launch import publish
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.model import Evaluation, plot_evaluation, predictions_schema
-from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
-from ml_platform.resources.pipeline_runner import PollPolicy
-from ml_platform.resources.template_registry import TemplateVersion
-from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
-from ml_platform.resources.warehouse import open_warehouse
+from ml_platform.resources.backends import open_warehouse
+from ml_platform.resources.pipeline_runs import PollPolicy
+from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
+from ml_platform.resources.templates import TemplateVersion
+from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates
 from ml_platform.settings import Deployment, Settings
 from tests.gcp.bigquery_emulator import (
     LOCATION,

@@ -23,20 +23,20 @@ from google.cloud.aiplatform_v1 import types
 from ml_platform.assets.pipeline_jobs import job_metadata
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.compile import compile_pipeline
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     JobRequest,
     JobState,
     PipelineJobError,
     make_job_id,
 )
-from ml_platform.resources.template_registry import LocalTemplateRegistry
-from ml_platform.resources.vertex_pipelines import (
+from ml_platform.resources.pipeline_runs.vertex import (
     VERTEX_POLL,
     VertexApiError,
     VertexPipelineRunner,
     list_filter,
     vertex_labels,
 )
+from ml_platform.resources.templates.local import LocalTemplateRegistry
 from ml_platform.settings import Settings
 from tests.gcp.fake_vertex import BILLING_LABEL, FakeClock, FakeVertex
 
@@ -684,7 +684,7 @@ def test_importing_the_runner_loads_no_google_library():
     # packages creates the bare ``google.cloud`` namespace before any import.
     code = (
         "import json, sys; before = set(sys.modules); "
-        "import ml_platform.resources.vertex_pipelines; "
+        "import ml_platform.resources.pipeline_runs.vertex; "
         "print(json.dumps(sorted(m for m in set(sys.modules) - before "
         "if m.startswith(('google', 'kfp', 'grpc', 'proto')))))"
     )

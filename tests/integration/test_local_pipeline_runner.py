@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 from kfp import compiler, dsl
 
-from ml_platform.resources.local_pipelines import LocalPipelineRunner, _worker_alive
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     JobRequest,
     JobState,
     PipelineJobError,
     PollPolicy,
     make_job_id,
 )
-from ml_platform.resources.template_registry import LocalTemplateRegistry, TemplateError
+from ml_platform.resources.pipeline_runs.local import LocalPipelineRunner, _worker_alive
+from ml_platform.resources.templates import TemplateError
+from ml_platform.resources.templates.local import LocalTemplateRegistry
 
 FAST = PollPolicy(initial_interval=0.1, max_interval=0.5, deadline=120)
 

@@ -34,7 +34,7 @@ import pytest
 from ml_platform.alerting import RUN_FAILURE_SENSOR, build_alerting, build_run_failure_sensor
 from ml_platform.definitions import build_definitions
 from ml_platform.resources.alerts import LogAlerts
-from ml_platform.resources.slack_alerts import SlackAlerts
+from ml_platform.resources.alerts.slack import SlackAlerts
 from ml_platform.schedules import SCORE_DAILY_SCHEDULE
 from ml_platform.settings import Settings
 
@@ -222,7 +222,7 @@ def test_slack_errors_are_logged_with_the_reason_and_never_raised(
 ):
     fake, url = slack
     alerts = SlackAlerts(token, channel, api_url=url)
-    with caplog.at_level(logging.WARNING, logger="ml_platform.resources.slack_alerts"):
+    with caplog.at_level(logging.WARNING, logger="ml_platform.resources.alerts.slack"):
         alerts.send("Pipeline job failed: j1", "task train: boom", {"logs": "https://logs/j1"})
         reason = alerts.post("Pipeline job failed: j1", "task train: boom")
     assert reason is not None and reason.startswith(expected)
@@ -284,7 +284,7 @@ def test_an_unreachable_or_hung_slack_is_logged_and_does_not_hang(caplog):
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)
     try:
-        with caplog.at_level(logging.WARNING, logger="ml_platform.resources.slack_alerts"):
+        with caplog.at_level(logging.WARNING, logger="ml_platform.resources.alerts.slack"):
             started = time.monotonic()
             refused = SlackAlerts(TOKEN, CHANNEL, api_url=f"http://127.0.0.1:{closed_port}/api/")
             refused.send("Run failed", "boom")
@@ -306,7 +306,7 @@ def test_an_unreachable_or_hung_slack_is_logged_and_does_not_hang(caplog):
 def test_importing_the_alerting_modules_loads_no_slack_library():
     code = (
         "import sys; import ml_platform.alerting, ml_platform.schedules, "
-        "ml_platform.resources.slack_alerts; "
+        "ml_platform.resources.alerts.slack; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('slack_sdk', 'dagster_slack')))"
     )
     out = subprocess.run(

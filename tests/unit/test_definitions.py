@@ -64,7 +64,7 @@ BRANCH = {
 
 def test_slack_alerts_only_with_a_token(local_settings):
     from ml_platform.resources.alerts import LogAlerts
-    from ml_platform.resources.slack_alerts import SlackAlerts
+    from ml_platform.resources.alerts.slack import SlackAlerts
 
     quiet = build_definitions(local_settings)
     assert {s.name for s in quiet.sensors} == {"pipeline_job_completion"}
@@ -76,10 +76,10 @@ def test_slack_alerts_only_with_a_token(local_settings):
 
 
 def test_a_branch_deployment_gets_the_google_cloud_backends():
-    from ml_platform.resources.artifact_registry import ArtifactRegistryTemplates
     from ml_platform.resources.artifacts import GcsArtifactStore
-    from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
-    from ml_platform.resources.vertex_pipelines import VertexPipelineRunner
+    from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
+    from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates
+    from ml_platform.resources.warehouse.bigquery import BigQueryWarehouse
     from ml_platform.settings import Settings
 
     defs = build_definitions(Settings.from_env(BRANCH))

@@ -7,7 +7,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from ml_platform.resources.warehouse import DuckDBWarehouse, WarehouseError, open_warehouse
+from ml_platform.resources.backends import open_warehouse
+from ml_platform.resources.warehouse import WarehouseError
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 
 DAY, OTHER = date(2013, 10, 1), date(2013, 10, 2)
 

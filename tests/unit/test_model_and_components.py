@@ -11,7 +11,7 @@ from kfp.dsl import Artifact, Dataset, Metrics, Model
 
 from ml_platform.pipelines import components
 from ml_platform.pipelines import model as flight_model
-from ml_platform.resources.warehouse import DuckDBWarehouse
+from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
 
 
 def flights(rows: int = 6000, seed: int = 7) -> pd.DataFrame:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_platform.resources.template_registry import LocalTemplateRegistry, TemplateError
+from ml_platform.resources.templates import TemplateError
+from ml_platform.resources.templates.local import LocalTemplateRegistry
 
 
 def template(tmp_path: Path, text: str) -> Path:

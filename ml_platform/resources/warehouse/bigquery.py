@@ -41,8 +41,8 @@ from urllib.parse import urlencode
 from ml_platform.resources.warehouse import (
     Warehouse,
     WarehouseError,
-    _check_partition,
     check_identifier,
+    check_partition,
 )
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class BigQueryWarehouse(Warehouse):
 
     ``credentials`` default to Application Default Credentials (on Vertex AI: the job's
     service account); on the ECS agent, backends.py passes the workload identity federation
-    credentials of resources/google_credentials.py. An ``api_endpoint`` over plain
+    credentials of resources/gcp_credentials.py. An ``api_endpoint`` over plain
     ``http://`` is a local emulator: no credentials are sent there (anonymous), since a real
     token must never travel unencrypted.
 
@@ -385,7 +385,7 @@ class BigQueryWarehouse(Warehouse):
         if not isinstance(value, date) or isinstance(value, datetime):
             raise WarehouseError(f"partition value for {where} must be a date, got {value!r}")
         # Refused before anything is written: rows of another day, or without the column.
-        _check_partition(data, where, column, value)
+        check_partition(data, where, column, value)
         schema = bigquery_schema(data.schema, where)
         column_type = next(f.field_type for f in schema if f.name == column)
         if column_type != "DATE":

@@ -32,7 +32,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     JobAlreadyExistsError,
     JobRequest,
     JobState,
@@ -41,7 +41,7 @@ from ml_platform.resources.pipeline_runner import (
     PipelineRunner,
     PollPolicy,
 )
-from ml_platform.resources.template_registry import TemplateRegistry, TemplateVersion
+from ml_platform.resources.templates import TemplateRegistry, TemplateVersion
 from ml_platform.settings import sanitize_label_key, sanitize_label_value
 
 if TYPE_CHECKING:

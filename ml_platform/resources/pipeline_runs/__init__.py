@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from ml_platform.resources.template_registry import TemplateVersion
+from ml_platform.resources.templates import TemplateVersion
 
 # Vertex AI: pipelineJobId must match [a-z][-a-z0-9]{0,127}.
 _JOB_ID_MAX = 128

@@ -1,6 +1,6 @@
 """Runs one recorded pipeline job with kfp.local; started by ``LocalPipelineRunner.submit``.
 
-    python -m ml_platform.resources.local_pipeline_worker STORE_PATH JOB_ID
+    python -m ml_platform.resources.pipeline_runs.local_worker STORE_PATH JOB_ID
 
 It records RUNNING, runs the job's compiled template (the exact resolved version),
 and records SUCCEEDED with the pipeline's outputs or FAILED with the failing task's error.
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_platform.resources.local_pipelines import JobStore
-from ml_platform.resources.pipeline_runner import JobState
+from ml_platform.resources.pipeline_runs import JobState
+from ml_platform.resources.pipeline_runs.local import JobStore
 
 # The last exception line a failing component printed, e.g. "ValueError: cannot read ...".
 _EXCEPTION_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w.]*)(?:Error|Exception)): (.+)$")

@@ -2,7 +2,7 @@
 
 kfp.local keeps global state and patches ``print`` and logging, so it is neither
 re-entrant nor thread-safe: every job runs in its own worker process
-(``python -m ml_platform.resources.local_pipeline_worker``), started in a session of its
+(``python -m ml_platform.resources.pipeline_runs.local_worker``), started in a session of its
 own so that cancelling kills the worker and the component processes under it.
 
 The store outlives every process and keeps Vertex-like records, so the completion sensor
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ml_platform.resources.pipeline_runner import (
+from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobAlreadyExistsError,
     JobRequest,
@@ -33,7 +33,7 @@ from ml_platform.resources.pipeline_runner import (
     PipelineRunner,
     PollPolicy,
 )
-from ml_platform.resources.template_registry import TemplateRegistry
+from ml_platform.resources.templates import TemplateRegistry
 
 LOCAL_JOB_PREFIX = "projects/local/locations/local/pipelineJobs/"
 # Local jobs take seconds to minutes and polling is a SQLite read: poll often.
@@ -255,7 +255,7 @@ class LocalPipelineRunner(PipelineRunner):
                     [
                         sys.executable,
                         "-m",
-                        "ml_platform.resources.local_pipeline_worker",
+                        "ml_platform.resources.pipeline_runs.local_worker",
                         str(self.store.path),
                         request.job_id,
                     ],

@@ -1,104 +1,29 @@
-"""The warehouse: one small interface, a DuckDB implementation here, BigQuery beside it.
+"""The warehouse in a DuckDB file (the local deployment), through the ``duckdb`` package.
 
-Assets talk to it through Dagster, and Kubeflow components reopen the same warehouse from
-its ``uri`` (a component runs in another process, on Vertex AI in another machine), so
-this module imports no Dagster and nothing heavy at module top.
+DuckDB is imported inside the methods: the code location reaches this module, and pipeline
+components reopen it from its ``uri`` in processes of their own.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml_platform.resources.warehouse import (
+    Warehouse,
+    WarehouseError,
+    check_identifier,
+    check_partition,
+)
+
 if TYPE_CHECKING:
     import duckdb
     import pandas as pd
     import pyarrow as pa
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class WarehouseError(RuntimeError):
-    """A warehouse operation failed; the message names the table and what was wrong."""
-
-
-def check_identifier(*names: str) -> None:
-    """Dataset, table and column names are interpolated into SQL, so only plain names pass."""
-    for name in names:
-        if not _IDENTIFIER.fullmatch(name):
-            raise WarehouseError(f"not a plain SQL identifier: {name!r}")
-
-
-class Warehouse(ABC):
-    """What the platform needs from a warehouse, and nothing more."""
-
-    @property
-    @abstractmethod
-    def uri(self) -> str:
-        """A string a pipeline component can reopen the warehouse from (see ``open_warehouse``)."""
-
-    @abstractmethod
-    def replace_table(self, dataset: str, table: str, data: pa.Table) -> int:
-        """Atomically replace a whole table with ``data``; returns the row count."""
-
-    @abstractmethod
-    def replace_partition(
-        self, dataset: str, table: str, column: str, value: date, data: pa.Table
-    ) -> int:
-        """Atomically replace the rows where ``column = value`` with ``data``.
-
-        Every row of ``data`` must carry that value, so re-running a day never duplicates
-        rows and never touches another day. Returns the number of rows written.
-        """
-
-    @abstractmethod
-    def read_table(
-        self,
-        dataset: str,
-        table: str,
-        *,
-        date_column: str | None = None,
-        start: date | None = None,
-        end: date | None = None,
-    ) -> pd.DataFrame:
-        """Read a table, optionally only rows with ``start <= date_column < end``."""
-
-    @abstractmethod
-    def row_count(
-        self, dataset: str, table: str, *, column: str | None = None, value: Any = None
-    ) -> int:
-        """Rows in a table (where ``column = value`` when given); 0 if it does not exist."""
-
-    @abstractmethod
-    def table_exists(self, dataset: str, table: str) -> bool: ...
-
-    @abstractmethod
-    def drop_dataset(self, dataset: str) -> bool:
-        """Drop a dataset and everything in it; False if there was none (a closed pull
-        request's datasets are dropped this way)."""
-
-    @abstractmethod
-    def wait_until_writable(self) -> None:
-        """Return once this process could start writing; called before dbt, which opens the
-        warehouse itself and does not wait for other writers."""
-
-
-def _check_partition(data: pa.Table, table: str, column: str, value: date) -> None:
-    if column not in data.column_names:
-        raise WarehouseError(f"rows for {table} have no partition column {column!r}")
-    others = {v for v in data.column(column).to_pylist() if v != value}
-    if others:
-        shown = ", ".join(sorted(str(v) for v in others)[:3])
-        raise WarehouseError(
-            f"rows for {table} partition {column}={value} carry other values ({shown}); "
-            "refusing to write them into this partition"
-        )
 
 
 class DuckDBWarehouse(Warehouse):
@@ -170,7 +95,7 @@ class DuckDBWarehouse(Warehouse):
         self, dataset: str, table: str, column: str, value: date, data: pa.Table
     ) -> int:
         check_identifier(dataset, table, column)
-        _check_partition(data, f"{dataset}.{table}", column, value)
+        check_partition(data, f"{dataset}.{table}", column, value)
         with self._transaction() as connection:
             connection.execute(f"CREATE SCHEMA IF NOT EXISTS {dataset}")
             connection.register("incoming", data)
@@ -256,19 +181,3 @@ class DuckDBWarehouse(Warehouse):
             [dataset, table],
         ).fetchone()[0]
         return found > 0
-
-
-def open_warehouse(uri: str) -> Warehouse:
-    """Reopen a warehouse from its ``uri``: how pipeline components reach it."""
-    scheme, _, rest = uri.partition("://")
-    if scheme == "duckdb" and rest:
-        return DuckDBWarehouse(rest)
-    if scheme == "bigquery" and rest:
-        # Imported here: the BigQuery module is only needed by BigQuery deployments.
-        from ml_platform.resources.bigquery_warehouse import BigQueryWarehouse
-
-        return BigQueryWarehouse.from_uri(uri)
-    raise WarehouseError(
-        f"unsupported warehouse uri {uri!r} "
-        "(expected duckdb:///path or bigquery://PROJECT?location=LOCATION)"
-    )

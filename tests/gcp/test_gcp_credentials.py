@@ -46,8 +46,8 @@ from google.auth import aws, exceptions, identity_pool
 from google.auth.transport.requests import Request
 from google.cloud import bigquery
 
-from ml_platform.resources import google_credentials as credentials_module
-from ml_platform.resources.google_credentials import (
+from ml_platform.resources import gcp_credentials as credentials_module
+from ml_platform.resources.gcp_credentials import (
     CLOUD_PLATFORM_SCOPE,
     EcsTaskRoleCredentialsSupplier,
     ecs_aws_credentials,
@@ -695,7 +695,7 @@ def test_dbt_gets_a_fresh_token_in_its_environment_only(
 ):
     from ml_platform.assets.dbt import start_dbt
     from ml_platform.resources.backends import build_resources
-    from ml_platform.resources.google_credentials import (
+    from ml_platform.resources.gcp_credentials import (
         DBT_ACCESS_TOKEN_TARGET,
         DBT_ACCESS_TOKEN_VARIABLE,
     )

@@ -1,7 +1,7 @@
-"""Alerts for people: a failed pipeline job, a failed Dagster run.
+"""The alerts contract: telling people about a failed pipeline job or a failed Dagster run.
 
 Locally they only go to the log (the sensor's, the run's); with a Slack token configured
-they are also posted to a channel (``slack_alerts.SlackAlerts``).
+they are also posted to a channel (``slack.SlackAlerts``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from ml_platform.resources.template_registry import (
+from ml_platform.resources.templates import (
     TemplateError,
     TemplateRegistry,
     TemplateVersion,
