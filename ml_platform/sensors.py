@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import NamedTuple
 
 import dagster as dg
 
@@ -36,7 +36,7 @@ from ml_platform.assets.model import MODEL_KEY, model_materialization
 from ml_platform.assets.predictions import DAILY_2013, PREDICTIONS_KEY, predictions_metadata
 from ml_platform.launch import MODEL_ASSET, PIPELINE_OF_ASSET, PREDICTIONS_ASSET
 from ml_platform.resources.alerts import Alerts
-from ml_platform.resources.artifacts import ArtifactStore
+from ml_platform.resources.artifacts import ArtifactError, ArtifactStore
 from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobState,
@@ -99,13 +99,24 @@ class Cursor:
             self.handled = {job: end for job, end in self.handled.items() if end > horizon}
 
 
-@dataclass
-class Tick:
-    run_requests: list[dg.RunRequest] = field(default_factory=list)
-    asset_events: list[Any] = field(default_factory=list)
-    # (title, text, links), sent once every job of the tick was handled: a tick that fails
-    # half-way (an API error) is evaluated again, and must not alert twice.
-    alerts: list[tuple[str, str, Mapping[str, str]]] = field(default_factory=list)
+class Alert(NamedTuple):
+    title: str
+    text: str
+    links: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one ended job leads to; ``waiting``: nothing yet, its Dagster run is not over."""
+
+    run_requests: tuple[dg.RunRequest, ...] = ()
+    asset_events: tuple[dg.AssetMaterialization | dg.AssetCheckEvaluation, ...] = ()
+    alerts: tuple[Alert, ...] = ()
+    waiting: bool = False
+
+
+NOTHING = Outcome()
+WAITING = Outcome(waiting=True)
 
 
 @cache
@@ -135,70 +146,92 @@ def _reporting_request(job: PipelineJob, partition: str | None) -> dg.RunRequest
     )
 
 
-def handle_job(
-    context: dg.SensorEvaluationContext,
+def _started_by(job: PipelineJob) -> str | None:
+    """The Dagster run that started the job; None for the CLI, a schedule, a person."""
+    return job.labels.get("dagster_run_id")
+
+
+def outcome_of(
     job: PipelineJob,
-    tick: Tick,
-    *,
+    context: dg.SensorEvaluationContext,
     runner: PipelineRunner,
     artifacts: ArtifactStore,
-) -> bool:
-    """Act on one ended job; False if it must wait for its Dagster run to finish."""
+) -> Outcome:
+    """What an ended job of this deployment leads to: by its state, then its pipeline."""
     asset = ASSET_OF_PIPELINE.get(job.pipeline)
-    started_by = job.labels.get("dagster_run_id")
     if asset is None:
         context.log.info(f"ignoring {job.job_id}: pipeline {job.pipeline!r} is not ours")
-        return True
+        return NOTHING
     if job.state is not JobState.SUCCEEDED:
-        if not started_by:
-            # A listing may lack the failing task's own error (Vertex's list view).
-            job = runner.get(job.job_id) or job
-        context.log.error(f"{job.describe()}; no reporting refresh")
-        if not started_by:  # a Dagster run reports its own failure (and alerts on it)
-            tick.alerts.append(
-                (
-                    f"Pipeline job {job.state.name.lower()}: {job.job_id}",
-                    job.error or f"{job.pipeline} ended {job.state.name}",
-                    job.links,
-                )
-            )
-        return True
+        return failed(job, context, runner)
     if asset == MODEL_ASSET:
-        if not started_by:
-            full = runner.get(job.job_id) or job  # a listing may carry no outputs
-            metadata, check = model_materialization(full, artifacts)
-            tick.asset_events.append(dg.AssetMaterialization(MODEL_KEY, metadata=metadata))
-            tick.asset_events.append(
-                dg.AssetCheckEvaluation(
-                    asset_key=MODEL_KEY,
-                    check_name=check.check_name,
-                    passed=check.passed,
-                    metadata=check.metadata,
-                    description=check.description,
-                )
-            )
-            context.log.info(f"recorded {job.job_id} (outside Dagster) on {MODEL_ASSET}")
-        return True
-    # A prediction job.
+        return trained(job, context, runner, artifacts)
+    return predicted(job, context, runner)
+
+
+def failed(
+    job: PipelineJob, context: dg.SensorEvaluationContext, runner: PipelineRunner
+) -> Outcome:
+    """No reporting refresh; logged, and an alert unless a Dagster run started the job (the
+    run reports its own failure, and alerts on it)."""
+    if _started_by(job):
+        context.log.error(f"{job.describe()}; no reporting refresh")
+        return NOTHING
+    job = runner.get(job.job_id) or job  # a listing may lack the failing task's own error
+    context.log.error(f"{job.describe()}; no reporting refresh")
+    title = f"Pipeline job {job.state.name.lower()}: {job.job_id}"
+    text = job.error or f"{job.pipeline} ended {job.state.name}"
+    return Outcome(alerts=(Alert(title, text, job.links),))
+
+
+def trained(
+    job: PipelineJob,
+    context: dg.SensorEvaluationContext,
+    runner: PipelineRunner,
+    artifacts: ArtifactStore,
+) -> Outcome:
+    """A model trained outside Dagster is recorded on flight_delay_model with its baseline
+    check, so predictions can use it (a Dagster run records its own)."""
+    if _started_by(job):
+        return NOTHING
+    full = runner.get(job.job_id) or job  # a listing may carry no outputs
+    metadata, check = model_materialization(full, artifacts)
+    context.log.info(f"recorded {job.job_id} (outside Dagster) on {MODEL_ASSET}")
+    return Outcome(
+        asset_events=(
+            dg.AssetMaterialization(MODEL_KEY, metadata=metadata),
+            dg.AssetCheckEvaluation(
+                asset_key=MODEL_KEY,
+                check_name=check.check_name,
+                passed=check.passed,
+                metadata=check.metadata,
+                description=check.description,
+            ),
+        )
+    )
+
+
+def predicted(
+    job: PipelineJob, context: dg.SensorEvaluationContext, runner: PipelineRunner
+) -> Outcome:
+    """One refresh of the reporting. A job started outside Dagster is first recorded on its
+    partition; one a Dagster run started waits for that run, which may refresh it itself."""
     partition = job.parameters.get("flight_date") or job.labels.get("partition")
-    if started_by:
-        if not _dagster_run_finished(context.instance, started_by):
-            return False  # its run may still refresh the reporting itself
+    run_id = _started_by(job)
+    events: tuple[dg.AssetMaterialization, ...] = ()
+    if run_id:
+        if not _dagster_run_finished(context.instance, run_id):
+            return WAITING
         if _reporting_refreshed_after(context.instance, job.end_time):
             context.log.info(f"{job.job_id}: reporting already refreshed after it ended")
-            return True
+            return NOTHING
     elif partition in _partition_keys():
-        full = runner.get(job.job_id) or job
-        tick.asset_events.append(
-            dg.AssetMaterialization(
-                PREDICTIONS_KEY, partition=partition, metadata=predictions_metadata(full)
-            )
-        )
+        metadata = predictions_metadata(runner.get(job.job_id) or job)
+        events = (dg.AssetMaterialization(PREDICTIONS_KEY, partition=partition, metadata=metadata),)
     else:
         context.log.warning(f"{job.job_id}: {partition!r} is not a partition; not recorded")
-    tick.run_requests.append(_reporting_request(job, partition))
     context.log.info(f"{job.job_id} ({PREDICTIONS_ASSET} {partition}): refreshing reporting")
-    return True
+    return Outcome(run_requests=(_reporting_request(job, partition),), asset_events=events)
 
 
 def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
@@ -236,38 +269,40 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
                 del cursor.waiting[job_id]
             else:
                 ended[job_id] = job
-        tick = Tick()
+        run_requests: list[dg.RunRequest] = []
+        asset_events: list[dg.AssetMaterialization | dg.AssetCheckEvaluation] = []
+        alerts_to_send: list[Alert] = []
         now = datetime.now(UTC).timestamp()
         for job in sorted(ended.values(), key=lambda job: (job.end_time, job.job_id)):
             try:
-                done = handle_job(context, job, tick, runner=pipeline_runner, artifacts=artifacts)
-            except (LookupError, TypeError, ValueError) as error:
-                # A job this code cannot read (from an older template, or whose artifacts
-                # are gone: ArtifactError is a LookupError) must not stop every later tick:
-                # report it and go on. API errors still fail the tick, which is evaluated
-                # again with the same cursor.
+                outcome = outcome_of(job, context, pipeline_runner, artifacts)
+            except (KeyError, ArtifactError) as error:
+                # A job this code cannot read (outputs its template did not declare, an
+                # artifact that is gone) must not stop every later tick: report it, go on.
+                # Anything else (an API error, a bug of ours) fails the tick, which is
+                # evaluated again with the same cursor.
                 context.log.exception(f"{job.job_id}: cannot record it")
-                tick.alerts.append(
-                    (
-                        f"Pipeline job not recorded: {job.job_id}",
-                        f"{type(error).__name__}: {error}",
-                        job.links,
-                    )
-                )
-                done = True
-            if done:
-                cursor.mark_handled(job)
-            elif now - job.end_time.timestamp() > MAX_PENDING_SECONDS:
+                text = f"{type(error).__name__}: {error}"
+                alert = Alert(f"Pipeline job not recorded: {job.job_id}", text, job.links)
+                outcome = Outcome(alerts=(alert,))
+            if outcome.waiting:
+                if now - job.end_time.timestamp() <= MAX_PENDING_SECONDS:
+                    cursor.waiting[job.job_id] = job.end_time.timestamp()
+                    continue
                 context.log.warning(f"{job.job_id}: its Dagster run never finished; refreshing")
-                tick.run_requests.append(_reporting_request(job, job.parameters.get("flight_date")))
-                cursor.mark_handled(job)
-            else:
-                cursor.waiting[job.job_id] = job.end_time.timestamp()
+                partition = job.parameters.get("flight_date")
+                outcome = Outcome(run_requests=(_reporting_request(job, partition),))
+            cursor.mark_handled(job)
+            run_requests += outcome.run_requests
+            asset_events += outcome.asset_events
+            alerts_to_send += outcome.alerts
         cursor.forget_before(lookback)
-        for title, text, links in tick.alerts:
-            alerts.send(title, text, links)
+        # Sent once every job of the tick was handled: a tick that fails half-way (an API
+        # error) is evaluated again, and must not alert twice.
+        for alert in alerts_to_send:
+            alerts.send(*alert)
         return dg.SensorResult(
-            run_requests=tick.run_requests, asset_events=tick.asset_events, cursor=cursor.dump()
+            run_requests=run_requests, asset_events=asset_events, cursor=cursor.dump()
         )
 
     return pipeline_job_completion

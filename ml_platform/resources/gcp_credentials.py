@@ -29,13 +29,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ml_platform.resources.retries import Backoff, RetryDeadlineError, call, is_transient
 from ml_platform.settings import (
     GCP_CREDENTIAL_CONFIG_VARIABLE,
     Deployment,
@@ -279,30 +279,31 @@ class EcsTaskRoleCredentialsSupplier:
         token = self._authorization_token()
         if token:
             headers["Authorization"] = token
-        failure = "no attempt"
-        retryable = True
-        for attempt in range(1, self.attempts + 1):
-            try:
-                response = request(
-                    url=self.url, method="GET", headers=headers, timeout=self.timeout
-                )
-            except exceptions.TransportError as error:
-                failure = f"{type(error).__name__}: {error}"
-            else:
-                body = response.data.decode("utf-8", "replace")
-                if response.status == 200:
-                    return self._parse(body)
+
+        def read() -> str:
+            response = request(url=self.url, method="GET", headers=headers, timeout=self.timeout)
+            body = response.data.decode("utf-8", "replace")
+            if response.status != 200:
                 # Never the body of a 200 (credentials); an error answer is safe to show.
-                failure = f"HTTP {response.status}: {body[:200]}"
-                retryable = response.status == 429 or response.status >= 500
-                if not retryable:  # e.g. 401/403, a wrong authorization token
-                    break
-            if attempt < self.attempts:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-        raise exceptions.RefreshError(
-            f"could not read the ECS task role's credentials from {self.url}: {failure}",
-            retryable=retryable,
+                raise _EndpointError(response.status, body[:200])
+            return body
+
+        backoff = Backoff(
+            initial=self.backoff, maximum=8 * self.backoff, deadline=60.0, retries=self.attempts - 1
         )
+        try:
+            # Retried: connection errors, 429 and 5xx (the ECS agent may be briefly
+            # unavailable); not a 401/403, e.g. a wrong authorization token.
+            return self._parse(call(read, transient=is_transient, backoff=backoff))
+        except (_EndpointError, exceptions.TransportError, RetryDeadlineError) as error:
+            last = error.cause if isinstance(error, RetryDeadlineError) else error
+            failure = (
+                str(last) if isinstance(last, _EndpointError) else f"{type(last).__name__}: {last}"
+            )
+            raise exceptions.RefreshError(
+                f"could not read the ECS task role's credentials from {self.url}: {failure}",
+                retryable=is_transient(last),
+            ) from error
 
     def _authorization_token(self) -> str | None:
         from google.auth import exceptions
@@ -368,3 +369,11 @@ def fresh_access_token(credentials: Credentials) -> tuple[str, datetime | None]:
     credentials.refresh(Request())
     expiry = credentials.expiry  # google-auth keeps naive UTC datetimes
     return credentials.token, expiry.replace(tzinfo=UTC) if expiry else None
+
+
+class _EndpointError(Exception):
+    """An error answer of the ECS credentials endpoint."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status

@@ -1,17 +1,20 @@
-"""ArtifactRegistryTemplates over the wire: kfp's RegistryClient against a local fake of
-Artifact Registry's KFP repository (tests/gcp/fake_artifact_registry.py), which stands in
-for Google only. The client builds the same URLs it builds in production."""
+"""ArtifactRegistryTemplates over the wire, against a local fake of Artifact Registry's KFP
+repository (tests/gcp/fake_artifact_registry.py), which stands in for Google only. The
+client builds the same URLs it builds in production."""
 
 import hashlib
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import google.auth
 import pytest
 import requests
 from google.auth import credentials as google_credentials
+from google.oauth2 import credentials as oauth2_credentials
 from kfp.registry import ApiAuth
 
 from ml_platform.pipelines import TRAINING_PIPELINE
@@ -23,6 +26,7 @@ from ml_platform.resources.templates.artifact_registry import (
 from tests.gcp.fake_artifact_registry import API_HOST, FakeArtifactRegistry
 
 PACKAGE = "flight-delay-training"
+REPOSITORY_ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture
@@ -255,3 +259,65 @@ def test_constructing_the_registry_imports_neither_kfp_nor_google():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_application_default_credentials_are_looked_up_on_first_use(fake, tmp_path, monkeypatch):
+    lookups = []
+
+    def default(scopes=None, **kwargs):
+        lookups.append(scopes)
+        return oauth2_credentials.Credentials(token="adc-token"), "acme-ml"
+
+    monkeypatch.setattr(google.auth, "default", default)
+    templates = ArtifactRegistryTemplates(fake.repository_url, session=fake.session(), backoff=0.01)
+    assert lookups == []
+    uploaded = templates.upload(PACKAGE, template(tmp_path, "a"), ["latest"])
+    assert templates.resolve(PACKAGE, "latest") == uploaded
+    assert lookups == [["https://www.googleapis.com/auth/cloud-platform"]]  # once
+    assert {r.headers["authorization"] for r in fake.requests} == {"Bearer adc-token"}
+
+
+def test_a_retry_after_past_the_deadline_ends_the_retries(fake):
+    templates = registry(fake)
+    fake.fail(503, times=100, retry_after="3600")
+    started = time.monotonic()
+    with pytest.raises(
+        ArtifactRegistryError, match=r"HTTP 503 after 1 attempt: UNAVAILABLE injected fault$"
+    ):
+        templates.resolve(PACKAGE, "latest")
+    assert time.monotonic() - started < 3
+    assert len(fake.requests) == 1
+
+
+def test_using_the_registry_imports_no_kfp(tmp_path):
+    # This module imports kfp (ApiAuth): a fresh interpreter shows the registry does not.
+    code = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+
+        import requests
+
+        from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates
+        from tests.gcp.fake_artifact_registry import FakeArtifactRegistry
+
+        class Bearer(requests.auth.AuthBase):
+            def __call__(self, request):
+                request.headers["Authorization"] = "Bearer test-token"
+                return request
+
+        source, package = Path(sys.argv[1]), sys.argv[2]
+        with FakeArtifactRegistry() as fake:
+            templates = ArtifactRegistryTemplates(
+                fake.repository_url, auth=Bearer(), session=fake.session()
+            )
+            uploaded = templates.upload(package, source, ["latest"])
+            assert templates.fetch(templates.resolve(package, "latest")) == source.read_bytes()
+            assert templates.list_versions(package) == [uploaded]
+        assert "kfp" not in sys.modules, "kfp was imported"
+        """
+    )
+    source = template(tmp_path, "a")
+    subprocess.run(
+        [sys.executable, "-c", code, str(source), PACKAGE], check=True, cwd=REPOSITORY_ROOT
+    )

@@ -25,6 +25,7 @@ import pytest
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.test_utils import create_run_for_test
 
+from ml_platform import sensors
 from ml_platform.definitions import build_definitions
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.pipeline_runs.local import JobStore
@@ -181,6 +182,32 @@ def test_failed_and_cancelled_jobs_refresh_nothing_and_are_reported(world, caplo
     assert titles == [f"Pipeline job failed: {failed}", f"Pipeline job cancelled: {cancelled}"]
     assert world.alerts.sent[0][1] == "task score_flights: failed"
     assert run_keys(world.tick()) == [] and len(world.alerts.sent) == 2  # reported once
+
+
+def test_a_job_it_cannot_read_is_reported_once_and_skipped(world):
+    # Outputs its template did not declare (an older template): a KeyError while reading.
+    unreadable = world.add_job(day="2013-12-01")
+    with world.store._connect() as db:
+        db.execute("UPDATE pipeline_jobs SET outputs = '{}' WHERE job_id = ?", [unreadable])
+    readable = world.add_job(day="2013-12-02")
+    result = world.tick()
+    assert run_keys(result) == [f"projects/local/locations/local/pipelineJobs/{readable}"]
+    assert world.alerts.sent == [(f"Pipeline job not recorded: {unreadable}", "KeyError: 'rows'")]
+    assert run_keys(world.tick()) == [] and len(world.alerts.sent) == 1
+
+
+def test_a_bug_of_ours_fails_the_tick_loudly_and_marks_nothing_handled(world, monkeypatch):
+    job_id = world.add_job(day="2013-12-01")
+
+    def broken(job):  # a programming error in our own code, not a job we cannot read
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(sensors, "predictions_metadata", broken)
+    with pytest.raises(Exception, match="unsupported operand"):
+        world.tick()
+    assert world.alerts.sent == [] and world.cursor is None  # no alert, nothing handled
+    monkeypatch.undo()  # the bug is fixed: the same job is handled on the next tick
+    assert run_keys(world.tick()) == [f"projects/local/locations/local/pipelineJobs/{job_id}"]
 
 
 def test_a_job_of_a_running_dagster_run_waits_for_it(world):

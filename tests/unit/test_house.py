@@ -158,3 +158,16 @@ def test_no_module_imports_private_names():
                         "comment saying no public API exists"
                     )
     assert problems == []
+
+
+def test_the_retried_status_codes_are_named_in_one_place():
+    # Every backend retries through ml_platform/resources/retries.py and its RETRYABLE_STATUS.
+    retried = {429, 500, 502, 503, 504}
+    found = [
+        f"{path}:{node.lineno}: {node.value}"
+        for name, path in MODULES.items()
+        if name != "ml_platform.resources.retries"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value in retried
+    ]
+    assert found == []

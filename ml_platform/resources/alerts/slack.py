@@ -12,11 +12,17 @@ tick, a failed run) must not fail or be retried because Slack is unreachable.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ml_platform.resources.alerts import Alerts
+from ml_platform.resources.retries import (
+    Backoff,
+    RetryDeadlineError,
+    call,
+    is_retryable_answer,
+    retry_after_seconds,
+)
 
 if TYPE_CHECKING:
     from slack_sdk import WebClient
@@ -118,9 +124,10 @@ class SlackAlerts(Alerts):
     a member of ``channel``. ``api_url`` replaces Slack's ``https://slack.com/api/`` (GovSlack
     is ``https://slack-gov.com/api/``; the tests point it at a local server).
 
-    A 429 is retried after Slack's ``Retry-After``, at most ``max_rate_limit_retries`` times
-    and ``max_wait_seconds`` in all: alerts are sent from sensor ticks, which Dagster times out
-    (60 s by default), and a dropped alert that is logged beats a tick that never ends.
+    A 429 (or 5xx) is retried after Slack's ``Retry-After``, at most ``max_rate_limit_retries``
+    times and ``max_wait_seconds`` in all (``retries.call``): alerts are sent from sensor ticks,
+    which Dagster times out (60 s by default), and a dropped alert that is logged beats a tick
+    that never ends. An unreachable Slack is not waited for.
     """
 
     def __init__(
@@ -200,55 +207,61 @@ class SlackAlerts(Alerts):
         from slack_sdk.errors import SlackApiError
 
         client = self._client()
-        blocks: list[dict[str, Any]] | None = message_blocks(title, text, links)
-        retries = 0
-        waited = 0.0
-        while True:
+        # Rate limits wait for Slack's Retry-After (1 s without one), within this alert's budget.
+        backoff = Backoff(
+            initial=1.0,
+            maximum=self._max_wait_seconds,
+            deadline=self._max_wait_seconds,
+            retries=self._max_rate_limit_retries,
+        )
+
+        def rate_limited(error: Exception) -> bool:
+            return isinstance(error, SlackApiError) and is_retryable_answer(error)
+
+        # The message as blocks; if Slack refuses the blocks, the same alert as plain text.
+        for blocks in (message_blocks(title, text, links), None):
             try:
-                response = client.chat_postMessage(
-                    channel=self.channel,
-                    text=fallback_text(title, text)
-                    if blocks
-                    else plain_message(title, text, links),
-                    blocks=blocks,
-                    # Links to the Dagster UI and consoles need a login: no previews.
-                    unfurl_links=False,
-                    unfurl_media=False,
+                response = call(
+                    lambda blocks=blocks: client.chat_postMessage(
+                        channel=self.channel,
+                        text=fallback_text(title, text)
+                        if blocks
+                        else plain_message(title, text, links),
+                        blocks=blocks,
+                        # Links to the Dagster UI and consoles need a login: no previews.
+                        unfurl_links=False,
+                        unfurl_media=False,
+                    ),
+                    transient=rate_limited,
+                    backoff=backoff,
+                    retry_after=_slack_wait,
+                )
+            except RetryDeadlineError as gave_up:
+                answer = gave_up.cause.response
+                delay = _slack_wait(gave_up.cause)
+                return (
+                    f"rate limited by Slack ({answer.get('error')}); Retry-After {delay:g}s is "
+                    f"past the {self._max_wait_seconds:g}s this alert may wait"
                 )
             except SlackApiError as error:
                 status = error.response.status_code
                 code = str(error.response.get("error") or f"HTTP {status}")
-                if status == 429:
-                    delay = _retry_after(error.response.headers)
-                    if retries >= self._max_rate_limit_retries:
-                        return f"rate limited by Slack ({code}) after {retries} retries"
-                    if waited + delay > self._max_wait_seconds:
-                        return (
-                            f"rate limited by Slack ({code}); Retry-After {delay:g}s is past "
-                            f"the {self._max_wait_seconds:g}s this alert may wait"
-                        )
-                    log.info("Slack rate limit: retrying in %gs (Retry-After)", delay)
-                    time.sleep(delay)
-                    waited += delay
-                    retries += 1
-                    continue
+                if is_retryable_answer(error):
+                    what = (
+                        "rate limited by Slack" if code == "ratelimited" else "Slack kept failing"
+                    )
+                    return f"{what} ({code}) after {backoff.retries} retries"
                 if code in _BLOCK_ERRORS and blocks is not None:
                     log.warning("Slack refused the message's blocks (%s); posting plain text", code)
-                    blocks = None
                     continue
                 hint = _ERROR_HINTS.get(code)
                 return f"{code} ({hint})" if hint else f"Slack answered {code} (HTTP {status})"
             log.info("posted alert %r to %s (ts %s)", title, self.channel, response.get("ts"))
             return None
+        raise AssertionError("unreachable: the plain-text attempt returns")
 
 
-def _retry_after(headers: Mapping[str, Any]) -> float:
-    """Seconds to wait from a 429's Retry-After (Slack sends whole seconds); 1 s if absent."""
-    for name, value in headers.items():
-        if name.lower() == "retry-after":
-            raw = value[0] if isinstance(value, list | tuple) else value
-            try:
-                return max(0.0, float(raw))
-            except (TypeError, ValueError):
-                break
-    return 1.0
+def _slack_wait(error: Exception) -> float:
+    """Seconds to wait before posting again: Slack's Retry-After (whole seconds), else 1 s."""
+    seconds = retry_after_seconds(error.response.headers)
+    return 1.0 if seconds is None else seconds

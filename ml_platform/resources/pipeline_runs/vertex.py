@@ -14,10 +14,10 @@ and cancelling; this module only maps the four primitives onto the API:
 - ``list_jobs``: ``list_pipeline_jobs`` with a server-side filter, ``order_by`` and a read
   mask, page by page as the caller iterates.
 
-Every call retries transient errors (429, 503, 504/DEADLINE_EXCEEDED, a dropped connection)
-with exponential backoff up to a bounded deadline, and has its own request timeout (the
-GAPIC defaults are no retry and no timeout). Permanent errors raise ``VertexApiError``
-naming the job.
+Every call retries transient errors (``retries.RETRYABLE_STATUS``: 429, 500, 502, 503, 504
+and their gRPC equivalents; a dropped or timed-out connection) with exponential backoff up
+to a bounded deadline, and has its own request timeout (the GAPIC defaults are no retry and
+no timeout). Permanent errors raise ``VertexApiError`` naming the job.
 
 Google libraries are imported inside the functions that use them: this module is reached
 when the code location is imported, and ``google.cloud.aiplatform_v1`` alone takes seconds.
@@ -41,6 +41,7 @@ from ml_platform.resources.pipeline_runs import (
     PipelineRunner,
     PollPolicy,
 )
+from ml_platform.resources.retries import Backoff, is_transient
 from ml_platform.resources.templates import TemplateRegistry, TemplateVersion
 from ml_platform.settings import sanitize_label_key, sanitize_label_value
 
@@ -378,28 +379,12 @@ class VertexPipelineRunner(PipelineRunner):
 
     @cached_property
     def _retry(self) -> Any:
-        import requests
-        from google.api_core import exceptions, retry
-
-        transient = retry.if_exception_type(
-            exceptions.TooManyRequests,  # 429, and gRPC RESOURCE_EXHAUSTED (a subclass)
-            exceptions.ServiceUnavailable,  # 503 / UNAVAILABLE
-            exceptions.GatewayTimeout,  # 504, and gRPC DEADLINE_EXCEEDED (a subclass)
-            # REST: the connection failed, dropped mid-answer, or the answer took longer
-            # than request_timeout (gRPC reports these as UNAVAILABLE/DEADLINE_EXCEEDED).
-            requests.exceptions.ConnectionError,
-            requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.Timeout,
-        )
         # Retrying a create is safe: the job id makes it idempotent. If the first attempt
         # did create the job, the retry gets ALREADY_EXISTS and the caller reattaches.
-        return retry.Retry(
-            predicate=transient,
-            initial=self.retry_initial,
-            maximum=self.retry_maximum,
-            multiplier=2.0,
-            timeout=self.retry_deadline,
+        backoff = Backoff(
+            initial=self.retry_initial, maximum=self.retry_maximum, deadline=self.retry_deadline
         )
+        return backoff.retry(is_transient)
 
     def _call(self, method: Callable[..., Any], *, retry: Any = None, **arguments: Any) -> Any:
         return method(**arguments, retry=retry or self._retry, timeout=self.request_timeout)

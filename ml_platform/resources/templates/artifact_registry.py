@@ -1,38 +1,38 @@
-"""Pipeline templates in Artifact Registry (a KFP-format repository), through kfp's RegistryClient.
+"""Pipeline templates in an Artifact Registry KFP repository, over its documented HTTP API.
 
-``kfp.registry.RegistryClient`` knows the URLs of Artifact Registry's KFP support and how to
-authenticate (Google default credentials, refreshed when stale). For a host
-``https://REGION-kfp.pkg.dev/PROJECT/REPO`` it uses two services (kfp's
-``registry/context/kfp_pkg_dev.json``):
+A repository ``https://LOCATION-kfp.pkg.dev/PROJECT/REPO`` is reached on two hosts:
 
-- the repository URL itself: multipart upload (``POST``, fields ``content`` and ``tags``,
-  answered with ``PACKAGE/sha256:HEX``) and download (``GET .../PACKAGE/VERSION_OR_TAG``);
-- the Artifact Registry REST API, ``https://artifactregistry.googleapis.com/v1/projects/
-  PROJECT/locations/REGION/repositories/REPO/packages/...``, for versions and tags.
+- the repository URL itself: ``POST`` a multipart form (file ``content``, field ``tags``,
+  comma-separated), answered ``PACKAGE/sha256:HEX`` in plain text, and ``GET
+  .../PACKAGE/VERSION_OR_TAG`` for the YAML (Vertex AI's "Create, upload, and use a pipeline
+  template" page shows both with curl);
+- the Artifact Registry REST API v1, ``https://artifactregistry.googleapis.com/v1/projects/
+  PROJECT/locations/LOCATION/repositories/REPO/packages/PACKAGE/``: ``versions`` and
+  ``tags``, each got one by one or listed a page at a time.
 
-What a production caller needs on top, added here: a timeout on every HTTP call (kfp's
-``requests`` calls have none, so a stalled connection would hang a Dagster run forever),
-bounded retries with backoff on 429 and 5xx, pagination of the version list (kfp returns
-the first page only), and errors that name the repository, package, tag and URL.
-
-kfp and Google libraries are imported on first use: the code location imports this module.
+Every request has a timeout and goes through ``retries.call``; failures name the URL.
+google-auth and requests are imported on the first request: the code location imports this
+module.
 """
 
 from __future__ import annotations
 
-import functools
-import random
 import re
-import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode
 
+from ml_platform.resources.retries import (
+    RETRYABLE_STATUS,
+    Backoff,
+    RetryDeadlineError,
+    call,
+    is_transient,
+    retry_after_seconds,
+)
 from ml_platform.resources.templates import (
     TemplateError,
     TemplateRegistry,
@@ -45,14 +45,17 @@ if TYPE_CHECKING:
     import requests
     from google.auth.credentials import Credentials
 
-# The repository URL, exactly: kfp splits PROJECT/REPO with greedy regexes, so a URL with a
-# package path (or a trailing segment) would silently address the wrong repository.
+# The repository URL, exactly: with a package path (or a trailing segment) the URLs built
+# from it would silently address another repository.
 _REPOSITORY_URL = re.compile(
     r"^https://(?P<location>[a-z0-9-]+)-kfp\.pkg\.dev/(?P<project>[^/]+)/(?P<repository>[^/]+)$"
 )
 _UPLOAD_ANSWER = re.compile(r"^(?P<package>[^/\s]+)/(?P<version>sha256:[0-9a-f]{64})$")
-# Google's guidance for its REST APIs: retry 429 (quota) and 5xx with exponential backoff.
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_API = "https://artifactregistry.googleapis.com/v1"
+_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+# No retry starts later than this after the first attempt (nor one a Retry-After would
+# push past it): a Dagster step waits minutes at most, not hours.
+_DEADLINE = 120.0
 
 
 class ArtifactRegistryError(TemplateError):
@@ -68,31 +71,17 @@ class ArtifactRegistryError(TemplateError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class _HttpPolicy:
-    timeout: float  # seconds, for connecting and for every read of the answer
-    retries: int  # further attempts after a 429/5xx answer or a refused connection
-    backoff: float  # seconds before the first retry; doubles each time, with jitter
-    max_backoff: float
-
-    def delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None:
-            try:  # the server's own hint (seconds); an HTTP date is ignored
-                return min(self.max_backoff, max(0.0, float(retry_after)))
-            except ValueError:
-                pass
-        # Jitter keeps concurrent Dagster steps from retrying in lockstep.
-        return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
-
-
 class ArtifactRegistryTemplates(TemplateRegistry):
     """Templates in one Artifact Registry KFP repository.
 
-    ``repository_url`` is ``https://REGION-kfp.pkg.dev/PROJECT/REPO``. ``auth`` defaults to
-    Google's application default credentials; tests pass a ``requests`` auth (for example
-    ``kfp.registry.ApiAuth``) or credentials of their own so that nothing calls Google, and
-    a ``session`` whose transport reaches a local fake. A version's ``uri`` is what Vertex
-    accepts as a job's ``template_uri``: ``REPOSITORY_URL/PACKAGE/sha256:HEX``.
+    ``repository_url`` is ``https://LOCATION-kfp.pkg.dev/PROJECT/REPO``. ``auth``: None for
+    Google's Application Default Credentials (looked up on the first request), google-auth
+    credentials, or any ``requests`` auth (tests pass a bearer token). ``session``: requests
+    go through its transport adapters (tests pass one that reaches a local fake).
+    ``retries``: further attempts after a 429/5xx answer or a failed connection, the first
+    after up to ``backoff`` seconds (jittered), doubling up to ``max_backoff``, or what the
+    server's Retry-After asks for. A version's ``uri`` is what Vertex accepts as a job's
+    ``template_uri``: ``REPOSITORY_URL/PACKAGE/sha256:HEX``.
     """
 
     def __init__(
@@ -108,7 +97,8 @@ class ArtifactRegistryTemplates(TemplateRegistry):
         session: requests.Session | None = None,
     ) -> None:
         url = repository_url.rstrip("/")
-        if not _REPOSITORY_URL.fullmatch(url):
+        found = _REPOSITORY_URL.fullmatch(url)
+        if not found:
             raise ValueError(
                 f"not an Artifact Registry KFP repository URL: {repository_url!r} "
                 "(expected https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY)"
@@ -117,31 +107,35 @@ class ArtifactRegistryTemplates(TemplateRegistry):
             raise ValueError("timeout must be > 0, retries >= 0 and page_size in 1..1000")
         self.repository_url = url
         self.page_size = page_size  # Artifact Registry's documented maximum is 1,000
-        self._policy = _HttpPolicy(timeout, retries, backoff, max_backoff)
+        self._packages = (
+            f"{_API}/projects/{found['project']}/locations/{found['location']}"
+            f"/repositories/{found['repository']}/packages"
+        )
+        self._timeout = timeout  # seconds, for connecting and for every read of the answer
+        self._backoff = Backoff(
+            initial=backoff, maximum=max_backoff, deadline=_DEADLINE, retries=retries
+        )
         self._auth = auth
-        self._session = session
-        self._client_instance: Any = None
-        self._client_lock = threading.Lock()
-
-    @property
-    def _client(self) -> Any:
-        # Built on first use: building it imports kfp and, without ``auth``, looks up the
-        # default Google credentials, neither of which loading the code location should do.
-        with self._client_lock:
-            if self._client_instance is None:
-                self._client_instance = _registry_client_class()(
-                    host=self.repository_url,
-                    auth=self._auth,
-                    policy=self._policy,
-                    session=self._session,
-                )
-            return self._client_instance
+        self._given_session = session
+        self._session: requests.Session | None = None
+        self._lock = threading.Lock()
 
     def upload(self, package: str, template: Path, tags: Sequence[str]) -> TemplateVersion:
         check_tags(package, tags)
         path = Path(template)
-        expected = template_version_of(path.read_bytes())
-        stored_package, version = self._client.upload_pipeline(str(path), tags=list(tags))
+        content = path.read_bytes()  # in memory (templates are small): a retry sends it again
+        form = {"tags": ",".join(tags)} if tags else {}
+        url = self.repository_url
+        response = self._send("POST", url, data=form, files={"content": (path.name, content)})
+        answer = _UPLOAD_ANSWER.match(response.text.strip())
+        if not answer:
+            raise ArtifactRegistryError(
+                f"unexpected answer to POST {url}: {response.text[:200]!r} "
+                "(expected PACKAGE/sha256:HEX)",
+                url=url,
+                status=response.status_code,
+            )
+        stored_package, version = answer["package"], answer["version"]
         # Artifact Registry names the package itself, after the pipeline's name in the
         # template; a job would otherwise run a template filed under another name.
         if stored_package != package:
@@ -149,6 +143,7 @@ class ArtifactRegistryTemplates(TemplateRegistry):
                 f"{path} was stored as template {stored_package!r} in {self.repository_url}, "
                 f"not {package!r}: the package is named after the pipeline in the template"
             )
+        expected = template_version_of(content)
         if version != expected:
             raise TemplateError(
                 f"{self.repository_url} stored {path} as {stored_package}/{version}, "
@@ -161,7 +156,7 @@ class ArtifactRegistryTemplates(TemplateRegistry):
             return self._get_version(package, tag)
         check_tags(package, [tag])
         try:
-            found = self._client.get_tag(package, tag)
+            found = self._get_json(f"{self._packages}/{package}/tags/{tag}")
         except ArtifactRegistryError as error:
             if error.status != 404:
                 raise
@@ -173,7 +168,7 @@ class ArtifactRegistryTemplates(TemplateRegistry):
 
     def list_versions(self, package: str) -> list[TemplateVersion]:
         try:
-            items = list(self._client.pages("versions", package, self.page_size))
+            items = list(self._pages(package, "versions"))
         except ArtifactRegistryError as error:
             if error.status == 404:  # no such package (yet): like an empty folder locally
                 return []
@@ -185,16 +180,13 @@ class ArtifactRegistryTemplates(TemplateRegistry):
     def fetch(self, version: TemplateVersion) -> bytes:
         if not version.version.startswith("sha256:"):
             raise TemplateError(f"not a template version: {version.version!r}")
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                saved = self._client.download_pipeline(
-                    version.package, version=version.version, file_name=f"{scratch}/template"
-                )
-            except ArtifactRegistryError as error:
-                if error.status != 404:
-                    raise
-                raise self._no_version(version.package, version.version) from error
-            content = Path(saved).read_bytes()
+        url = f"{self.repository_url}/{version.package}/{version.version}"
+        try:
+            content = self._send("GET", url).content
+        except ArtifactRegistryError as error:
+            if error.status != 404:
+                raise
+            raise self._no_version(version.package, version.version) from error
         actual = template_version_of(content)
         if actual != version.version:
             raise TemplateError(
@@ -205,7 +197,8 @@ class ArtifactRegistryTemplates(TemplateRegistry):
 
     def _get_version(self, package: str, version: str) -> TemplateVersion:
         try:
-            found = self._client.get_version(package, version)
+            # The FULL view fills relatedTags (the BASIC default leaves them out).
+            found = self._get_json(f"{self._packages}/{package}/versions/{version}?view=FULL")
         except ArtifactRegistryError as error:
             if error.status != 404:
                 raise
@@ -213,16 +206,14 @@ class ArtifactRegistryTemplates(TemplateRegistry):
         return self._version(package, found)
 
     def _version(self, package: str, item: dict[str, Any]) -> TemplateVersion:
-        # ``relatedTags`` is only filled in the FULL view, which kfp asks for on AR hosts.
         version = _last_segment(item["name"])
         tags = sorted(_last_segment(tag["name"]) for tag in item.get("relatedTags", []))
-        uri = f"{self.repository_url}/{package}/{version}"  # kfp's download_version_url
+        uri = f"{self.repository_url}/{package}/{version}"
         return TemplateVersion(package, version, uri, tuple(tags))
 
     def _known_tags(self, package: str) -> str:
         try:
-            tags = self._client.pages("tags", package, self.page_size)
-            names = sorted(_last_segment(tag["name"]) for tag in tags)
+            names = sorted(_last_segment(tag["name"]) for tag in self._pages(package, "tags"))
         except ArtifactRegistryError as error:
             if error.status == 404:
                 return "none"
@@ -233,6 +224,122 @@ class ArtifactRegistryTemplates(TemplateRegistry):
         return TemplateError(
             f"template {package!r} has no version {version} in {self.repository_url}"
         )
+
+    def _pages(self, package: str, kind: str) -> Iterator[dict[str, Any]]:
+        """Every version or tag of a package, following ``nextPageToken`` to the last page."""
+        query: dict[str, Any] = {"view": "FULL"} if kind == "versions" else {}
+        query["pageSize"] = self.page_size
+        seen: set[str] = set()
+        while True:
+            url = f"{self._packages}/{package}/{kind}?{urlencode(query)}"
+            body = self._get_json(url)
+            yield from body.get(kind, [])
+            token = body.get("nextPageToken")
+            if not token:
+                return
+            if token in seen:  # a server bug must not become an endless loop
+                raise ArtifactRegistryError(f"{url} returned a page token twice", url=url)
+            seen.add(token)
+            query["pageToken"] = token
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        response = self._send("GET", url)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ArtifactRegistryError(
+                f"{url} did not answer with a JSON object: {response.text[:200]!r}",
+                url=url,
+                status=response.status_code,
+            )
+        return body
+
+    def _http(self) -> requests.Session:
+        """The session every request goes through, made on the first request."""
+        import requests
+
+        with self._lock:
+            if self._session is not None:
+                return self._session
+            if isinstance(self._auth, requests.auth.AuthBase):  # sent with each request
+                self._session = self._given_session or requests.Session()
+                return self._session
+            import google.auth
+            from google.auth.transport.requests import AuthorizedSession
+
+            credentials = self._auth
+            if credentials is None:
+                credentials, _ = google.auth.default(scopes=_SCOPES)
+            # AuthorizedSession adds the bearer token, refreshed when stale (and once more
+            # on a 401); the given session's adapters carry the requests themselves.
+            session = AuthorizedSession(credentials)
+            if self._given_session is not None:
+                for prefix, adapter in self._given_session.adapters.items():
+                    session.mount(prefix, adapter)
+            self._session = session
+            return session
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One request, tried again on 429/5xx answers and failed connections."""
+        import requests
+        from google.auth.exceptions import GoogleAuthError
+
+        auth = self._auth if isinstance(self._auth, requests.auth.AuthBase) else None
+        attempts = 0
+
+        def attempt() -> requests.Response:
+            nonlocal attempts
+            attempts += 1
+            response = self._http().request(method, url, auth=auth, timeout=self._timeout, **kwargs)
+            response.raise_for_status()  # an HTTPError carries the status for retries
+            return response
+
+        try:
+            # A timeout is reported, not retried: the caller would wait attempts x timeout,
+            # and an upload that timed out may have been stored anyway. (Sending an upload
+            # again after a dropped connection is harmless: the same bytes are the same
+            # version, and its tags move to it.)
+            return call(
+                attempt,
+                transient=lambda error: is_transient(error, timeouts=False),
+                backoff=self._backoff,
+                retry_after=_retry_after,
+            )
+        except Exception as raised:
+            # The deadline ended the retries: the last attempt's error says what happened.
+            error = raised.cause if isinstance(raised, RetryDeadlineError) else raised
+            status = None
+            if isinstance(error, requests.HTTPError) and error.response is not None:
+                status = error.response.status_code
+                plural = "s" if attempts > 1 else ""
+                tries = f" after {attempts} attempt{plural}" if status in RETRYABLE_STATUS else ""
+                message = (
+                    f"Artifact Registry answered {method} {url} with HTTP {status}"
+                    f"{tries}: {_google_message(error.response)}"
+                )
+            elif isinstance(error, requests.Timeout):
+                message = (
+                    f"Artifact Registry did not answer {method} {url} within {self._timeout:g} s"
+                )
+            elif isinstance(error, GoogleAuthError):
+                message = f"no Google credentials for {method} {url}: {error}"
+            elif is_transient(error, timeouts=False):  # a failed connection, every attempt
+                message = (
+                    f"could not reach Artifact Registry for {method} {url} "
+                    f"({attempts} attempts): {error}"
+                )
+            elif isinstance(error, requests.RequestException):
+                message = f"{method} {url} failed: {error}"
+            else:
+                raise  # not a failed request but a bug: as it is
+            raise ArtifactRegistryError(message, url=url, status=status) from error
+
+
+def _retry_after(error: Exception) -> float | None:
+    response = getattr(error, "response", None)
+    return retry_after_seconds(response.headers) if response is not None else None
 
 
 def _last_segment(resource_name: str) -> str:
@@ -247,170 +354,8 @@ def _timestamp(value: str | None) -> datetime:
         return datetime.min.replace(tzinfo=UTC)
 
 
-def _with_query(url: str, **params: str | int | None) -> str:
-    """``url`` with ``params`` set in its query (kfp's list URLs already carry ``view=FULL``)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
-    query += [(k, str(v)) for k, v in params.items() if v is not None]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-@functools.cache
-def _registry_client_class() -> type:
-    """kfp's RegistryClient with every HTTP call sent through one timed, retried path.
-
-    Defined on first use so that kfp is imported only then. Every RegistryClient method
-    but ``upload_pipeline`` sends through ``_request``, so overriding that one method gives
-    get_tag, get_version, list_* and download_pipeline the timeout and retries unchanged;
-    ``upload_pipeline`` calls ``requests.post`` itself and is redone here on the same path,
-    with the same URL, form fields and answer.
-    """
-    import google.auth.exceptions
-    import requests
-    from kfp.registry import RegistryClient
-
-    class TimedRegistryClient(RegistryClient):
-        def __init__(
-            self,
-            host: str,
-            auth: Any,
-            policy: _HttpPolicy,
-            session: requests.Session | None,
-        ) -> None:
-            super().__init__(host=host, auth=auth)
-            self._policy = policy
-            self._session = session or requests.Session()
-
-        def _request(
-            self,
-            request_url: str,
-            request_body: str | None = "",
-            http_request: str | None = None,
-            extra_headers: dict | None = None,
-        ) -> requests.Response:
-            method = (http_request or "get").upper()
-            return self.send(method, request_url, data=request_body, headers=extra_headers)
-
-        def upload_pipeline(
-            self,
-            file_name: str,
-            tags: str | list[str] | None = None,
-            extra_headers: dict | None = None,
-        ) -> tuple[str, str]:
-            if isinstance(tags, str):
-                tags = [tags]
-            form = {"tags": ",".join(tags)} if tags else {}
-            # Read into memory (templates are small) so that a retry can send it again.
-            content = Path(file_name).read_bytes()
-            url = self._config["upload_url"]
-            response = self.send(
-                "POST",
-                url,
-                data=form,
-                files={"content": (Path(file_name).name, content)},
-                headers=extra_headers,
-            )
-            answer = _UPLOAD_ANSWER.match(response.text.strip())
-            if not answer:
-                raise ArtifactRegistryError(
-                    f"unexpected answer to POST {url}: {response.text[:200]!r} "
-                    "(expected PACKAGE/sha256:HEX)",
-                    url=url,
-                    status=response.status_code,
-                )
-            return answer["package"], answer["version"]
-
-        def pages(self, kind: str, package: str, page_size: int) -> Iterator[dict[str, Any]]:
-            """Every version or tag of a package, following ``nextPageToken``.
-
-            kfp's list_versions and list_tags return the first page only.
-            """
-            url = self._config[f"list_{kind}_url"].format(package_name=package)
-            token, seen = None, set()
-            while True:
-                page_url = _with_query(url, pageSize=page_size, pageToken=token)
-                body = self.json_body(self.send("GET", page_url), page_url)
-                yield from body.get(kind, [])
-                token = body.get("nextPageToken")
-                if not token:
-                    return
-                if token in seen:  # a server bug must not become an endless loop
-                    raise ArtifactRegistryError(
-                        f"{page_url} returned a page token twice", url=page_url
-                    )
-                seen.add(token)
-
-        @staticmethod
-        def json_body(response: requests.Response, url: str) -> dict[str, Any]:
-            try:
-                body = response.json()
-            except ValueError as error:
-                raise ArtifactRegistryError(
-                    f"{url} did not answer with JSON: {response.text[:200]!r}",
-                    url=url,
-                    status=response.status_code,
-                ) from error
-            if not isinstance(body, dict):
-                raise ArtifactRegistryError(f"{url} answered {body!r}", url=url)
-            return body
-
-        def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-            policy = self._policy
-            attempts = policy.retries + 1
-            for attempt in range(1, attempts + 1):
-                try:
-                    # kfp's own refresh: Google credentials get a new token when stale.
-                    self._refresh_creds()
-                except google.auth.exceptions.GoogleAuthError as error:
-                    raise ArtifactRegistryError(
-                        f"no Google credentials for {method} {url}: {error}", url=url
-                    ) from error
-                retry_after = None
-                try:
-                    response = self._session.request(
-                        method, url, auth=self._get_auth(), timeout=policy.timeout, **kwargs
-                    )
-                except requests.Timeout as error:
-                    # Not retried: the caller would wait attempts x timeout, and an upload
-                    # that timed out may have been stored anyway.
-                    raise ArtifactRegistryError(
-                        f"Artifact Registry did not answer {method} {url} "
-                        f"within {policy.timeout:g} s",
-                        url=url,
-                    ) from error
-                except requests.ConnectionError as error:
-                    if attempt == attempts:
-                        raise ArtifactRegistryError(
-                            f"could not reach Artifact Registry for {method} {url} "
-                            f"({attempts} attempts): {error}",
-                            url=url,
-                        ) from error
-                except requests.RequestException as error:
-                    raise ArtifactRegistryError(
-                        f"{method} {url} failed: {error}", url=url
-                    ) from error
-                else:
-                    if response.ok:
-                        return response
-                    status = response.status_code
-                    if status not in _RETRYABLE_STATUS or attempt == attempts:
-                        tries = f" after {attempts} attempts" if status in _RETRYABLE_STATUS else ""
-                        raise ArtifactRegistryError(
-                            f"Artifact Registry answered {method} {url} with HTTP {status}"
-                            f"{tries}: {_google_message(response)}",
-                            url=url,
-                            status=status,
-                        )
-                    retry_after = response.headers.get("Retry-After")
-                    response.close()
-                time.sleep(policy.delay(attempt, retry_after))
-            raise AssertionError("unreachable")  # the last attempt returns or raises
-
-    return TimedRegistryClient
-
-
 def _google_message(response: requests.Response) -> str:
-    """The ``error.message`` of a Google API error body, else the start of the body."""
+    """The status and message of a Google API error body, else the start of the body."""
     try:
         error = response.json().get("error", {})
         return f"{error.get('status', '')} {error['message']}".strip()

@@ -20,8 +20,9 @@ How each operation stays atomic on BigQuery:
   avoid that contention, but the emulator the tests run against (bqemulator) cannot
   address a partition, so it could not be tested on the wire; the transaction can.
 
-Every API call gets a bounded retry (the client's own ``DEFAULT_RETRY`` predicate: 429,
-403 ``rateLimitExceeded``, 5xx, connection errors) with exponential backoff and a deadline,
+Every API call gets a bounded retry (google-api-core's, as everywhere: ``retries.py``; for
+API calls the client's own ``DEFAULT_RETRY`` predicate: 429, 403 ``rateLimitExceeded``, 5xx,
+connection errors) with exponential backoff and a deadline,
 and a per-request timeout: the client's default retries a 500 for 600 s, and some servers
 (the emulator on SQL it does not support) answer 500 for errors that never go away.
 """
@@ -38,6 +39,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from ml_platform.resources.retries import Backoff, is_transient
 from ml_platform.resources.warehouse import (
     Warehouse,
     WarehouseError,
@@ -179,7 +181,8 @@ class BigQueryWarehouse(Warehouse):
         return self._client_instance
 
     def _api_retry(self) -> Retry:
-        """The client's own retry predicate, with backoff and our deadline."""
+        """The client's own retry predicate (it knows BigQuery's transient error reasons,
+        such as a 403 ``rateLimitExceeded``), with backoff and our deadline."""
         from google.cloud.bigquery.retry import DEFAULT_RETRY
 
         return DEFAULT_RETRY.with_delay(initial=0.5, maximum=16.0, multiplier=2.0).with_timeout(
@@ -189,43 +192,26 @@ class BigQueryWarehouse(Warehouse):
     def _job_retry(self, *, concurrent_updates: bool = False) -> Retry:
         """Resubmit a whole job (a load with its upload, or a query) that failed transiently.
 
-        Transient: a job failure with one of BigQuery's transient reasons, or a 429/5xx or
-        connection error outside the API calls' own retries (the upload). Not a RetryError:
-        that call already retried for the whole deadline. With ``concurrent_updates``, also
-        a transaction BigQuery cancelled for a concurrent update of the same table. Only
-        used around idempotent operations, so a job that did run before its answer was lost
-        can run again without changing the outcome. Bounded: about twice ``retry_deadline``
-        in all (an attempt started before the deadline still has its own).
+        Transient: a job failure with one of BigQuery's transient reasons, or a retryable
+        answer (``retries.RETRYABLE_STATUS``) or connection error outside the API calls' own
+        retries (the upload). Not a RetryError: that call already retried for the whole
+        deadline. With ``concurrent_updates``, also a transaction BigQuery cancelled for a
+        concurrent update of the same table. Only used around idempotent operations, so a
+        job that did run before its answer was lost can run again without changing the
+        outcome. Bounded: about twice ``retry_deadline`` in all (an attempt started before
+        the deadline still has its own).
         """
-        import requests
         from google.api_core import exceptions
-        from google.api_core.retry import Retry
-
-        transient_types = (
-            exceptions.TooManyRequests,
-            exceptions.InternalServerError,
-            exceptions.BadGateway,
-            exceptions.ServiceUnavailable,
-            exceptions.GatewayTimeout,
-            requests.ConnectionError,
-            requests.Timeout,
-        )
 
         def predicate(error: Exception) -> bool:
             if isinstance(error, exceptions.RetryError):
                 return False
             reasons = {e.get("reason") for e in getattr(error, "errors", None) or []}
-            if reasons & _TRANSIENT_JOB_REASONS or isinstance(error, transient_types):
+            if reasons & _TRANSIENT_JOB_REASONS or is_transient(error):
                 return True
             return concurrent_updates and bool(_CONCURRENT_UPDATE.search(str(error)))
 
-        return Retry(
-            predicate=predicate,
-            initial=1.0,
-            maximum=16.0,
-            multiplier=2.0,
-            timeout=self.retry_deadline,
-        )
+        return Backoff(initial=1.0, maximum=16.0, deadline=self.retry_deadline).retry(predicate)
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:

@@ -6,13 +6,13 @@ components reopen it from its ``uri`` in processes of their own.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ml_platform.resources.retries import Backoff, RetryDeadlineError, call
 from ml_platform.resources.warehouse import (
     Warehouse,
     WarehouseError,
@@ -44,18 +44,20 @@ class DuckDBWarehouse(Warehouse):
         if read_only and not self.path.exists():
             raise WarehouseError(f"the warehouse {self.path} does not exist yet (run the ingest)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.05
-        while True:
-            try:
-                connection = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.IOException as error:
-                # Another process (dbt, a pipeline component) holds the file: wait our turn.
-                if "lock" not in str(error).lower() or time.monotonic() > deadline:
-                    raise WarehouseError(f"cannot open {self.path}: {error}") from error
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+
+        def held_by_another_process(error: Exception) -> bool:
+            return isinstance(error, duckdb.IOException) and "lock" in str(error).lower()
+
+        try:
+            # Another process (dbt, a pipeline component) holds the file: wait our turn.
+            connection = call(
+                lambda: duckdb.connect(str(self.path), read_only=read_only),
+                transient=held_by_another_process,
+                backoff=Backoff(initial=0.05, maximum=1.0, deadline=self.lock_timeout),
+            )
+        except (duckdb.IOException, RetryDeadlineError) as error:
+            cause = error.cause if isinstance(error, RetryDeadlineError) else error
+            raise WarehouseError(f"cannot open {self.path}: {cause}") from error
         try:
             yield connection
         finally:
