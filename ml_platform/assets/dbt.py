@@ -11,7 +11,6 @@ each dbt command gets an access token minted from the code location's credential
 before it starts, in one environment variable of its own process only (`start_dbt`).
 """
 
-import fcntl
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from ml_platform.resources.backends import dbt_target
 from ml_platform.resources.gcp_credentials import (
     DBT_ACCESS_TOKEN_VARIABLE,
     dbt_uses_access_token,
@@ -39,31 +39,10 @@ from ml_platform.resources.gcp_credentials import (
     google_credentials,
 )
 from ml_platform.resources.warehouse import Warehouse
-from ml_platform.settings import DBT_EXECUTABLE, DBT_PROJECT_DIR, Settings
+from ml_platform.settings import DBT_PROJECT_DIR, Settings, get_settings
 
 
-def prepare_when_stale(project: DbtProject) -> None:
-    """Parse the dbt project only when a file in it is newer than the manifest.
-
-    dagster-dbt's `prepare_if_dev` re-parses on every load under `dagster dev`, and every
-    run and step process loads the code location: about 8 s each time. Here a load parses
-    only after an edit (or when there is no manifest yet), under a lock so that two
-    processes never write the manifest at once. The image build prepares the manifest
-    ahead, so a deployed code location never parses.
-    """
-    if not _manifest_is_stale(project):
-        return
-    target = project.project_dir / project.target_path
-    target.mkdir(parents=True, exist_ok=True)
-    with (target / ".prepare.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _manifest_is_stale(project):
-            DbtCliResource(project_dir=project, dbt_executable=str(DBT_EXECUTABLE)).cli(
-                ["parse", "--quiet"], target_path=project.target_path
-            ).wait()
-
-
-def _manifest_is_stale(project: DbtProject) -> bool:
+def manifest_is_stale(project: DbtProject) -> bool:
     if not project.manifest_path.exists():
         return True
     built = project.manifest_path.stat().st_mtime
@@ -77,12 +56,55 @@ def _manifest_is_stale(project: DbtProject) -> bool:
     return False
 
 
-# Parsed for the local target: the manifest only names models and their dependencies,
-# which are the same for every target.
-DBT_PROJECT = DbtProject(project_dir=DBT_PROJECT_DIR, target="local")
-prepare_when_stale(DBT_PROJECT)
+# Parsed with this process's deployment: the target and vars of the dbt commands its assets
+# run. dbt's partial parsing only reuses a parse made with the same vars, profile and target
+# (the DuckDB path is part of the profile), so each dbt command then parses only what
+# changed: `dbt parse` takes 2.6 s instead of 5.9 s here.
+_SETTINGS = get_settings()
+_PREPARED_WITH = {
+    "target": dbt_target(_SETTINGS),
+    "args": ["parse", "--quiet", "--vars", json.dumps(_SETTINGS.dbt_vars, sort_keys=True)],
+}
+DBT_PROJECT = DbtProject(
+    project_dir=DBT_PROJECT_DIR,
+    target=_PREPARED_WITH["target"],
+    prepare_project_cli_args=_PREPARED_WITH["args"],
+)
+_STAMP = DBT_PROJECT.project_dir / DBT_PROJECT.target_path / "prepared_with.json"
+
+
+def _prepared_elsewhere() -> bool:
+    """Locally, whether the manifest was parsed for another deployment (another data folder,
+    say). A deployed code location never parses at load: its image holds the manifest."""
+    if not _SETTINGS.is_local:
+        return False
+    try:
+        return json.loads(_STAMP.read_text()) != _PREPARED_WITH
+    except (OSError, ValueError):
+        return True
+
+
+# dagster-dbt's prepare_if_dev parses on every load under `dagster dev`, and every run and
+# step process loads the code location: about 5 s each time. Here a load parses only after
+# an edit, for another deployment, or with no manifest yet, through dagster-dbt's own
+# preparer, which keeps two processes from preparing at once. The image build prepares
+# ahead (`dagster-dbt project prepare-and-package`).
+if manifest_is_stale(DBT_PROJECT) or _prepared_elsewhere():
+    DBT_PROJECT.preparer.prepare(DBT_PROJECT)
+    _STAMP.write_text(json.dumps(_PREPARED_WITH))
 
 REPORTING_SELECTION = "tag:reporting"
+# The two dbt assets: everything before the model, and the reporting after the predictions.
+DBT_ASSETS = {
+    "dbt_features": (
+        {"exclude": REPORTING_SELECTION},
+        "Staging views and the feature tables the model trains and scores on.",
+    ),
+    "dbt_reporting": (
+        {"select": REPORTING_SELECTION},
+        "Reporting tables over the predictions: refreshed after new predictions land.",
+    ),
+}
 
 
 def start_dbt(
@@ -138,43 +160,28 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
     # Source tests become checks on the Python assets they test (raw/*).
     translator = Translator(DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
 
-    def build(dbt: DbtCliResource, warehouse: Warehouse, context: dg.AssetExecutionContext):
-        warehouse.wait_until_writable()
-        invocation = start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context)
-        yield from invocation.stream()
-        # Every invocation gets a target folder of its own; once it has succeeded, its logs
-        # and artifacts are in the run's logs, and the folders would pile up. A failed
-        # invocation's folder stays, with the dbt.log its error message points to.
-        shutil.rmtree(Path(invocation.project_dir, invocation.target_path), ignore_errors=True)
+    def define(name: str, selection: dict[str, str], description: str) -> dg.AssetsDefinition:
+        def assets(
+            context: dg.AssetExecutionContext,
+            dbt: DbtCliResource,
+            warehouse: dg.ResourceParam[Warehouse],
+        ):
+            warehouse.wait_until_writable()
+            invocation = start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context)
+            yield from invocation.stream()
+            # Every invocation gets a target folder of its own; once it has succeeded, its
+            # logs and artifacts are in the run's logs, and the folders would pile up. A
+            # failed invocation's folder stays, with the dbt.log its error message points to.
+            target = Path(invocation.project_dir, invocation.target_path)
+            shutil.rmtree(target, ignore_errors=True)
 
-    @dbt_assets(
-        manifest=DBT_PROJECT.manifest_path,
-        project=DBT_PROJECT,
-        exclude=REPORTING_SELECTION,
-        name="dbt_features",
-        dagster_dbt_translator=translator,
-    )
-    def dbt_features(
-        context: dg.AssetExecutionContext,
-        dbt: DbtCliResource,
-        warehouse: dg.ResourceParam[Warehouse],
-    ):
-        """Staging views and the feature tables the model trains and scores on."""
-        yield from build(dbt, warehouse, context)
+        assets.__doc__ = description  # the op's description in the UI
+        return dbt_assets(
+            manifest=DBT_PROJECT.manifest_path,
+            project=DBT_PROJECT,
+            name=name,
+            dagster_dbt_translator=translator,
+            **selection,
+        )(assets)
 
-    @dbt_assets(
-        manifest=DBT_PROJECT.manifest_path,
-        project=DBT_PROJECT,
-        select=REPORTING_SELECTION,
-        name="dbt_reporting",
-        dagster_dbt_translator=translator,
-    )
-    def dbt_reporting(
-        context: dg.AssetExecutionContext,
-        dbt: DbtCliResource,
-        warehouse: dg.ResourceParam[Warehouse],
-    ):
-        """Reporting tables over the predictions: refreshed after new predictions land."""
-        yield from build(dbt, warehouse, context)
-
-    return [dbt_features, dbt_reporting]
+    return [define(name, *spec) for name, spec in DBT_ASSETS.items()]

@@ -40,6 +40,13 @@ def open_warehouse(uri: str) -> Warehouse:
     )
 
 
+def dbt_target(settings: Settings) -> str:
+    """The profiles.yml target of this deployment's dbt commands: with workload identity
+    federation, the BigQuery target that takes the access token the dbt assets mint for each
+    command (assets/dbt.py); else the deployment's own."""
+    return DBT_ACCESS_TOKEN_TARGET if dbt_uses_access_token(settings) else settings.dbt_target
+
+
 def build_resources(settings: Settings) -> dict[str, Any]:
     """The resources of one deployment: warehouse, pipeline runner, templates, artifacts and
     dbt (the alert channel is chosen with the alert sensors, in ml_platform/alerting.py)."""
@@ -47,9 +54,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
 
     dbt = DbtCliResource(
         project_dir=str(DBT_PROJECT_DIR),
-        # With workload identity federation, the BigQuery target that takes the access token
-        # the dbt assets mint for each command (assets/dbt.py); else the deployment's own.
-        target=DBT_ACCESS_TOKEN_TARGET if dbt_uses_access_token(settings) else settings.dbt_target,
+        target=dbt_target(settings),
         dbt_executable=str(DBT_EXECUTABLE),
     )
     if settings.is_local:
