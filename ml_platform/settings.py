@@ -222,7 +222,7 @@ class Settings:
 
     @property
     def artifact_registry_url(self) -> str:
-        """The KFP repository holding the pipeline templates (kfp's RegistryClient host)."""
+        """The KFP-format Artifact Registry repository holding the pipeline templates."""
         if not self.artifact_registry_repository:
             raise SettingsError(
                 f"the {self.deployment} deployment needs ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY "

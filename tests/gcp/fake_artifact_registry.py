@@ -1,7 +1,8 @@
-"""A local stand-in for an Artifact Registry KFP repository, for wire tests of RegistryClient.
+"""A local stand-in for an Artifact Registry KFP repository, for wire tests of
+``ArtifactRegistryTemplates``.
 
-It serves the two hosts kfp's RegistryClient talks to for a repository
-``https://LOCATION-kfp.pkg.dev/PROJECT/REPO`` (kfp/registry/context/kfp_pkg_dev.json):
+It serves the two hosts a client of a repository ``https://LOCATION-kfp.pkg.dev/PROJECT/REPO``
+talks to (the same two kfp's RegistryClient uses: kfp/registry/context/kfp_pkg_dev.json):
 
 - ``LOCATION-kfp.pkg.dev``: ``POST /PROJECT/REPO`` with a multipart form (``content``: the
   compiled YAML, ``tags``: comma-separated), answered with ``PACKAGE/sha256:HEX`` in plain

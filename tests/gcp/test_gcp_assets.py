@@ -6,7 +6,7 @@ the branch's ``Settings.from_env``, in a temporary instance) against local stand
 Google only, each reached by the real client over the wire:
 
 - Vertex AI Pipelines: ``FakeVertex`` (the GAPIC REST client of ``VertexPipelineRunner``);
-- Artifact Registry: ``FakeArtifactRegistry`` (kfp's ``RegistryClient``), where the
+- Artifact Registry: ``FakeArtifactRegistry`` (``ArtifactRegistryTemplates``), where the
   templates are published first with ``ml_platform.launch.publish``, as CD does;
 - BigQuery: bqemulator (``google-cloud-bigquery`` of ``BigQueryWarehouse``);
 - GCS: fake-gcs-server (``google-cloud-storage`` of ``GcsArtifactStore``).
