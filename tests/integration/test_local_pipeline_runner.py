@@ -15,7 +15,7 @@ from ml_platform.resources.pipeline_runs import (
     PollPolicy,
     make_job_id,
 )
-from ml_platform.resources.pipeline_runs.local import LocalPipelineRunner, _worker_alive
+from ml_platform.resources.pipeline_runs.local import LocalPipelineRunner
 from ml_platform.resources.templates import TemplateError
 from ml_platform.resources.templates.local import LocalTemplateRegistry
 
@@ -127,8 +127,7 @@ def test_an_interrupted_wait_cancels_the_job(backend):
     job = runner.get("nap-1")
     assert job.state is JobState.CANCELLED
     assert job.end_time is not None
-    pid = runner.store.row("nap-1")["pid"]
-    assert not _worker_alive(pid, "nap-1")
+    assert not runner.worker_alive("nap-1")
 
 
 def test_the_deadline_fails_and_cancels_the_job(backend, tmp_path):

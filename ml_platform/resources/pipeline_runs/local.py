@@ -11,6 +11,7 @@ sees jobs started by Dagster, by the CLI or by anyone else on this machine.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -18,8 +19,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,8 @@ from ml_platform.resources.templates import TemplateRegistry
 LOCAL_JOB_PREFIX = "projects/local/locations/local/pipelineJobs/"
 # Local jobs take seconds to minutes and polling is a SQLite read: poll often.
 LOCAL_POLL = PollPolicy(initial_interval=0.5, max_interval=5.0, deadline=6 * 3600)
-# A submit records the job, then starts its worker within milliseconds: a job still without
-# a worker after this long never gets one.
-UNSTARTED_WORKER_SECONDS = 60
+# In each job's folder: the lock its worker holds for as long as it lives.
+WORKER_LOCK = "worker.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipeline_jobs (
@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS pipeline_jobs (
     pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS pipeline_jobs_end_time ON pipeline_jobs (end_time);
+CREATE INDEX IF NOT EXISTS pipeline_jobs_state ON pipeline_jobs (state);
 """
 
 
@@ -122,6 +123,14 @@ class JobStore:
                 db.execute(f"UPDATE pipeline_jobs SET {assignments} WHERE {where}", params).rowcount
                 == 1
             )
+
+    def unfinished(self) -> list[sqlite3.Row]:
+        """Jobs that have not ended (a handful at any time: the state is indexed)."""
+        with self._connect() as db:
+            return db.execute(
+                "SELECT * FROM pipeline_jobs WHERE state NOT IN (?, ?, ?)",
+                [str(s) for s in TERMINAL_STATES],
+            ).fetchall()
 
     def row(self, job_id: str) -> sqlite3.Row | None:
         with self._connect() as db:
@@ -188,24 +197,69 @@ def to_pipeline_job(row: sqlite3.Row) -> PipelineJob:
     )
 
 
-def _worker_alive(pid: int | None, job_id: str) -> bool:
-    """Is the worker for ``job_id`` still running? (The pid alone could have been reused.)"""
-    if pid is None:
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            status = (proc / "status").read_text()
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return False
-        # The worker's last argument is its job id (not just a part of it: nap-1-retry1).
-        return cmdline.split("\0")[-2:-1] == [job_id] and "State:\tZ" not in status
+def hold_worker_lock(job_dir: Path) -> int:
+    """Take the job's worker lock; returns its file descriptor. Taken by ``submit`` before the
+    job is recorded and handed to the worker, which holds it for as long as it lives: the
+    kernel releases it when the worker ends, however it ends (SIGKILL, out of memory)."""
+    fd = os.open(job_dir / WORKER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.kill(pid, 0)
-    except OSError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def worker_alive(job_dir: str | Path) -> bool:
+    """Whether the job's worker still lives: whether anyone holds its lock. Never a guess
+    from a pid, which the system may have given to another process since."""
+    try:
+        fd = os.open(Path(job_dir) / WORKER_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's own lock at once
+    return False
+
+
+def _nothing() -> None:
+    pass
+
+
+def _boot_time() -> float:
+    """When this machine booted (processes recorded before then are gone for sure)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def stop_process_group(
+    pgid: int, *, grace: float = 0.0, timeout: float = 15.0, reap: Callable[[], None] = _nothing
+) -> None:
+    """Stop every process of a worker's group (the worker leads it; the components it starts
+    belong to it) and return once none is left, so that nothing of the job writes after its
+    record says it ended. With ``grace``: SIGTERM, and SIGKILL what is left after it.
+    ``reap`` collects the worker if it is this process's child (a zombie still counts)."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
+        if wait <= 0:
+            continue
+        try:
+            os.killpg(pgid, signum)
+        except ProcessLookupError:
+            return
+        until = time.monotonic() + wait
+        while time.monotonic() < until:
+            reap()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 class LocalPipelineRunner(PipelineRunner):
@@ -227,49 +281,60 @@ class LocalPipelineRunner(PipelineRunner):
     def submit(self, request: JobRequest) -> PipelineJob:
         job_dir = self.pipeline_root / request.job_id
         job_dir.mkdir(parents=True, exist_ok=True)
-        # The worker runs exactly the version that was resolved, from a copy in the job's folder.
-        template_path = job_dir / "pipeline.yaml"
-        template_path.write_bytes(self.registry.fetch(request.template))
-        log_path = job_dir / "job.log"
-        now = _now()
-        self.store.insert(
-            {
-                "job_id": request.job_id,
-                "pipeline": request.pipeline,
-                "display_name": request.display_name or request.job_id,
-                "state": str(JobState.QUEUED),
-                "labels": json.dumps(dict(request.labels), sort_keys=True),
-                "create_time": now,
-                "update_time": now,
-                "template_uri": request.template.uri,
-                "template_version": request.template.version,
-                "template_path": str(template_path),
-                "parameters": json.dumps(dict(request.parameters), sort_keys=True),
-                "pipeline_root": str(job_dir),
-                "log_path": str(log_path),
-            }
-        )
         try:
-            with log_path.open("ab") as log:
-                child = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "ml_platform.resources.pipeline_runs.local_worker",
-                        str(self.store.path),
-                        request.job_id,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    # Its own session: a Ctrl-C or SIGTERM for the Dagster step does not
-                    # reach it, so an interrupted wait can cancel it, or a retry reattach.
-                    start_new_session=True,
-                )
-        except BaseException as error:
-            # No worker will ever run it: record that, or a retry would reattach and wait.
-            self._fail(request.job_id, f"could not start the local worker: {error}")
-            raise
+            # Held from before the job is recorded until its worker ends: whoever reads the
+            # record can tell at once whether a worker lives for it.
+            lock = hold_worker_lock(job_dir)
+        except BlockingIOError as error:  # another process is submitting or running it
+            raise JobAlreadyExistsError(f"pipeline job {request.job_id} already exists") from error
+        try:
+            # The worker runs exactly the version that was resolved, from a copy in its folder.
+            template_path = job_dir / "pipeline.yaml"
+            template_path.write_bytes(self.registry.fetch(request.template))
+            log_path = job_dir / "job.log"
+            now = _now()
+            self.store.insert(
+                {
+                    "job_id": request.job_id,
+                    "pipeline": request.pipeline,
+                    "display_name": request.display_name or request.job_id,
+                    "state": str(JobState.QUEUED),
+                    "labels": json.dumps(dict(request.labels), sort_keys=True),
+                    "create_time": now,
+                    "update_time": now,
+                    "template_uri": request.template.uri,
+                    "template_version": request.template.version,
+                    "template_path": str(template_path),
+                    "parameters": json.dumps(dict(request.parameters), sort_keys=True),
+                    "pipeline_root": str(job_dir),
+                    "log_path": str(log_path),
+                }
+            )
+            try:
+                with log_path.open("ab") as log:
+                    child = subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "ml_platform.resources.pipeline_runs.local_worker",
+                            str(self.store.path),
+                            request.job_id,
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        pass_fds=(lock,),  # the worker holds the lock from here on
+                        # Its own session and process group: a Ctrl-C or SIGTERM for the
+                        # Dagster step does not reach it (an interrupted wait cancels it, or a
+                        # retry reattaches), and stopping the group stops its components too.
+                        start_new_session=True,
+                    )
+            except BaseException as error:
+                # No worker will ever run it: record that, or a retry would reattach and wait.
+                self._fail(request.job_id, f"could not start the local worker: {error}")
+                raise
+        finally:
+            os.close(lock)
         self._children[request.job_id] = child
         self.store.update(request.job_id, pid=child.pid)
         return self.get(request.job_id)
@@ -278,42 +343,48 @@ class LocalPipelineRunner(PipelineRunner):
         """Record that no worker will end the job (unless it ended meanwhile)."""
         self.store.update(
             job_id,
-            only_from=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING],
+            only_from=[JobState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.CANCELLING],
             state=str(JobState.FAILED),
             end_time=_now(),
             error=error,
         )
 
+    def _reap(self, job_id: str) -> None:
+        child = self._children.get(job_id)
+        if child is not None and child.poll() is not None:
+            del self._children[job_id]  # reaped, so it cannot linger as a zombie
+
+    def worker_alive(self, job_id: str) -> bool:
+        row = self.store.row(job_id)
+        self._reap(job_id)
+        return row is not None and worker_alive(row["pipeline_root"])
+
+    def _check_worker(self, row: sqlite3.Row) -> sqlite3.Row:
+        """A job that has not ended but whose worker is gone is failed, after every process
+        of its worker's group (components it started) was stopped."""
+        if JobState(row["state"]) in TERMINAL_STATES or worker_alive(row["pipeline_root"]):
+            return row
+        job_id = row["job_id"]
+        self._reap(job_id)
+        if row["pid"] is None:
+            error = "no local worker was started for it (the submitting process died first)"
+        else:
+            # Not after a reboot: the system may have given the pid to another process group.
+            if row["create_time"] > _boot_time():
+                stop_process_group(row["pid"], reap=lambda: self._reap(job_id))
+            error = (
+                f"the local worker (pid {row['pid']}) exited without recording a result; "
+                f"see {row['log_path']}"
+            )
+        self._fail(job_id, error)
+        return self.store.row(job_id)
+
     def get(self, job_id: str) -> PipelineJob | None:
         row = self.store.row(job_id)
         if row is None:
             return None
-        child = self._children.get(job_id)
-        if child is not None and child.poll() is not None:
-            del self._children[job_id]  # reaped, so it cannot linger as a zombie
-        running = JobState(row["state"]) not in TERMINAL_STATES
-        # No pid yet means the submit is still under way, not that the worker died; unless
-        # it has been so for long (the submitting process died before starting the worker).
-        if (
-            running
-            and row["pid"] is None
-            and _now() - row["create_time"] > UNSTARTED_WORKER_SECONDS
-        ):
-            self._fail(
-                job_id,
-                f"no local worker was started within {UNSTARTED_WORKER_SECONDS} s of its "
-                "submission (the submitting process died?)",
-            )
-            row = self.store.row(job_id)
-        elif running and row["pid"] is not None and not _worker_alive(row["pid"], job_id):
-            # The worker died without recording an end (killed, out of memory).
-            self._fail(
-                job_id,
-                f"the local worker (pid {row['pid']}) exited without recording a result; "
-                f"see {row['log_path']}",
-            )
-            row = self.store.row(job_id)
-        return to_pipeline_job(row)
+        self._reap(job_id)
+        return to_pipeline_job(self._check_worker(row))
 
     def cancel(self, job_id: str) -> None:
         row = self.store.row(job_id)
@@ -321,19 +392,10 @@ class LocalPipelineRunner(PipelineRunner):
             return
         active = [JobState.QUEUED, JobState.PENDING, JobState.RUNNING]
         self.store.update(job_id, only_from=active, state=str(JobState.CANCELLING))
-        pid = row["pid"]
-        if pid is not None and _worker_alive(pid, job_id):
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _worker_alive(pid, job_id) and time.monotonic() < deadline:
-                child = self._children.get(job_id)
-                if child is not None:
-                    child.poll()
-                time.sleep(0.1)
-            if _worker_alive(pid, job_id):
-                with suppress(ProcessLookupError):  # it may have ended just now
-                    os.killpg(pid, signal.SIGKILL)
+        row = self.store.row(job_id)
+        if row["pid"] is not None and row["create_time"] > _boot_time():
+            # The worker and its components: SIGTERM, then SIGKILL what is left after 15 s.
+            stop_process_group(row["pid"], grace=15.0, reap=lambda: self._reap(job_id))
         self.store.update(
             job_id,
             only_from=[JobState.CANCELLING],
@@ -350,6 +412,10 @@ class LocalPipelineRunner(PipelineRunner):
         ended_after: datetime | None = None,
         page_size: int = 100,
     ) -> Iterator[PipelineJob]:
+        # Whoever looks fails the jobs whose worker is gone (the sensor every tick, `pipelines
+        # list`): a worker killed while nobody waited for it does not stay RUNNING for ever.
+        for row in self.store.unfinished():
+            self._check_worker(row)
         for row in self.store.query(
             labels=labels, states=states, ended_after=ended_after, page_size=page_size
         ):
