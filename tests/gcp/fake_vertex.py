@@ -29,9 +29,12 @@ it was created (and its outputs, its error); ``cancel`` moves it to CANCELLING, 
 CANCELLED on the next read. A succeeded job gets Vertex's task details: the run itself as a
 task named after the job, carrying the pipeline's outputs, and one task per task of the
 root DAG carrying what it produced (output artifacts in ``outputs``, output parameters in
-its execution's metadata as ``output:KEY``).
+its execution's metadata as ``output:KEY``). The root DAG's tasks name the run task as
+their ``parentTaskId``, or (``plan(..., parent_ids=False)``) carry none, as the reference
+documents for a task "at the root level"; ``run_task=False`` leaves the run task out.
 
-Every request is recorded (``requests``, ``calls(kind)``); ``fail_next`` injects faults.
+Every request is recorded (``requests``, ``calls(kind)``); ``fail_next`` injects faults;
+``add_state`` makes a ``PipelineState`` newer than the client library.
 """
 
 from __future__ import annotations
@@ -174,6 +177,8 @@ class _Plan:
     outputs: Mapping[str, Any] | None = None
     failed_task: tuple[str, str] | None = None  # task name, its error message
     run_task_outputs: bool = True  # does the run's own task carry the pipeline's outputs?
+    parent_ids: bool = True  # do the root DAG's tasks carry the run task's id as parent?
+    run_task: bool = True  # is the run's own task in the task details at all?
 
 
 @dataclass
@@ -236,6 +241,7 @@ class FakeVertex:
         self.requests: list[RecordedRequest] = []
         self.unsupported: list[str] = []  # every request this fake refused as unmodelled
         self.cancel_delay = 0.0  # seconds from CANCELLING to CANCELLED
+        self.states = dict(PIPELINE_STATES)  # name -> number, as this fake's API revision has
         self._jobs: dict[str, _Job] = {}
         self._plans: dict[str, _Plan] = {}
         self._faults: list[_Fault] = []
@@ -273,19 +279,31 @@ class FakeVertex:
         outputs: Mapping[str, Any] | None = None,
         failed_task: tuple[str, str] | None = None,
         run_task_outputs: bool = True,
+        parent_ids: bool = True,
+        run_task: bool = True,
     ) -> None:
         """How job ``job_id`` (created now or later) moves: ``(seconds after create, STATE)``
         or ``(seconds, STATE, error message)``; ``outputs`` by the pipeline's output names
-        (artifacts as ``{"uri"?, "metadata"}``, parameters as values) for a SUCCEEDED job."""
+        (artifacts as ``{"uri"?, "metadata"}``, parameters as values) for a SUCCEEDED job.
+        ``parent_ids=False``: the root DAG's tasks carry no ``parentTaskId``;
+        ``run_task=False``: the task details lack the run's own task."""
         parsed = []
         for step in steps:
             after, state, *error = step
             state = state if state.startswith("PIPELINE_STATE_") else f"PIPELINE_STATE_{state}"
-            if state not in PIPELINE_STATES:
+            if state not in self.states:
                 raise ValueError(f"unknown state {state}")
             parsed.append((float(after), state, error[0] if error else None))
         with self._lock:
-            self._plans[job_id] = _Plan(parsed, outputs, failed_task, run_task_outputs)
+            self._plans[job_id] = _Plan(
+                parsed, outputs, failed_task, run_task_outputs, parent_ids, run_task
+            )
+
+    def add_state(self, name: str, number: int) -> None:
+        """A ``PipelineState`` value newer than the client library, for ``plan``. The GAPIC
+        REST transport asks for enums as numbers, so the client receives ``number``."""
+        with self._lock:
+            self.states[name] = number
 
     def add_job(
         self,
@@ -379,7 +397,7 @@ class FakeVertex:
                     "error": {"code": error.code, "message": error.message, "status": error.status}
                 }
             if query.get("$alt", "").endswith("enum-encoding=int") and status == 200:
-                answer = _numeric_enums(answer)
+                answer = _numeric_enums(answer, self.states)
             self.requests.append(RecordedRequest(method, parts.path, query, body, kind, status))
             return status, answer
 
@@ -589,6 +607,8 @@ class FakeVertex:
             data["error"] = {"code": 2, "message": error}
 
     def _task(self, job: _Job, name: str, parent: str | None, schema: str) -> dict[str, Any]:
+        # A task of the root DAG names the run task as parent, or none ("root level").
+        parent = parent if job.plan.parent_ids else None
         job.task_counter += 1
         task_id = str(1000 + job.task_counter)
         task: dict[str, Any] = {
@@ -662,7 +682,7 @@ class FakeVertex:
             ]
             if job.plan.run_task_outputs:
                 run["execution"]["metadata"][f"output:{name}"] = outputs[name]
-        return [run, *tasks.values()]
+        return [run, *tasks.values()] if job.plan.run_task else list(tasks.values())
 
     def _failed_task_details(self, job: _Job) -> list[dict[str, Any]]:
         job_id = job.data["name"].rsplit("/", 1)[-1]
@@ -672,7 +692,7 @@ class FakeVertex:
         task = self._task(job, name, run["taskId"], "system.ContainerExecution")
         task["state"], task["execution"]["state"] = "FAILED", "FAILED"
         task["error"] = {"code": 9, "message": message}
-        return [run, task]
+        return [run, task] if job.plan.run_task else [task]
 
 
 # -- filters, ordering, masks -------------------------------------------------------------
@@ -781,13 +801,13 @@ def _project(data: Mapping[str, Any], mask: Iterable[str]) -> dict[str, Any]:
     return result
 
 
-def _numeric_enums(answer: dict[str, Any]) -> dict[str, Any]:
+def _numeric_enums(answer: dict[str, Any], states: Mapping[str, int]) -> dict[str, Any]:
     """What ``$alt=json;enum-encoding=int`` asks for: every enum as its number."""
 
     def job(data: dict[str, Any]) -> dict[str, Any]:
         data = dict(data)
         if "state" in data:
-            data["state"] = PIPELINE_STATES[data["state"]]
+            data["state"] = states[data["state"]]
         tasks = data.get("jobDetail", {}).get("taskDetails")
         if tasks is not None:
             data["jobDetail"] = {**data["jobDetail"], "taskDetails": [task(t) for t in tasks]}

@@ -24,6 +24,7 @@ from ml_platform.assets.pipeline_jobs import job_metadata
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.compile import compile_pipeline
 from ml_platform.resources.pipeline_runs import (
+    TERMINAL_STATES,
     JobRequest,
     JobState,
     PipelineJobError,
@@ -57,6 +58,21 @@ TRAINING_OUTPUTS = {
     "roc_auc": 0.7782,
     "baseline_roc_auc": 0.6936,
 }
+PREDICTION_OUTPUTS = {"rows": 932, "mean_probability": 0.2114, "model_version": "hgb-3f9a"}
+
+# Where a succeeded job's task details keep its outputs (FakeVertex.plan options). The
+# PipelineTaskDetail reference: parentTaskId is "The id of the parent task if the task is
+# within a component scope. Empty if the task is at the root level." So the root DAG's
+# tasks may name the run task as parent, or carry none; either way the run's own task may
+# carry the outputs, lack them, or be missing.
+OUTPUT_SHAPES = {
+    "run-task": {},
+    "producers-parented": {"run_task_outputs": False},
+    "producers-root-level": {"run_task_outputs": False, "parent_ids": False},
+    "no-run-task-parented": {"run_task": False},
+    "no-run-task-root-level": {"run_task": False, "parent_ids": False},
+}
+PRODUCER_SHAPES = {k: v for k, v in OUTPUT_SHAPES.items() if k != "run-task"}
 
 
 class VersionUrlRegistry(LocalTemplateRegistry):
@@ -252,8 +268,9 @@ def test_a_job_is_created_as_specified_and_its_outputs_read_like_the_local_backe
     assert job.outputs["baseline_roc_auc"] == 0.6936
 
 
+@pytest.mark.parametrize("shape", OUTPUT_SHAPES.values(), ids=OUTPUT_SHAPES.keys())
 def test_output_parameters_come_back_as_their_declared_types(
-    runner, settings, registry, vertex, clock
+    runner, settings, registry, vertex, clock, shape
 ):
     request = JobRequest(
         job_id="flight-delay-predictions-2013-10-01-8f2c1b7a",
@@ -271,7 +288,8 @@ def test_output_parameters_come_back_as_their_declared_types(
         request.job_id,
         (0, "RUNNING"),
         (120, "SUCCEEDED"),
-        outputs={"rows": 932, "mean_probability": 0.2114, "model_version": "hgb-3f9a"},
+        outputs=PREDICTION_OUTPUTS,
+        **shape,
     )
     job = run(runner, request, clock)
     # JSON numbers are doubles on the wire; the spec declares rows NUMBER_INTEGER.
@@ -279,8 +297,9 @@ def test_output_parameters_come_back_as_their_declared_types(
     assert type(job.outputs["rows"]) is int
 
 
+@pytest.mark.parametrize("shape", PRODUCER_SHAPES.values(), ids=PRODUCER_SHAPES.keys())
 def test_outputs_are_read_from_the_producing_tasks_when_the_run_record_lacks_them(
-    runner, settings, registry, vertex, clock
+    runner, settings, registry, vertex, clock, shape
 ):
     request = training_request(settings, registry)
     vertex.plan(
@@ -288,12 +307,58 @@ def test_outputs_are_read_from_the_producing_tasks_when_the_run_record_lacks_the
         (0, "RUNNING"),
         (60, "SUCCEEDED"),
         outputs=TRAINING_OUTPUTS,
-        run_task_outputs=False,
+        **shape,
     )
     job = run(runner, request, clock)
     assert job.outputs["model"]["uri"] == TRAINING_OUTPUTS["model"]["uri"]
     assert job.outputs["metrics"]["metadata"]["roc_auc"] == 0.7782
     assert job.outputs["roc_auc"] == 0.7782
+    # Every artifact output, as when the run task carries them.
+    assert job.outputs["model"] == {
+        "uri": TRAINING_OUTPUTS["model"]["uri"],
+        "type": "system.Model",
+        "metadata": TRAINING_OUTPUTS["model"]["metadata"],
+    }
+    assert job.outputs["metrics"]["type"] == "system.Metrics"
+    assert job.outputs["metrics"]["metadata"] == TRAINING_OUTPUTS["metrics"]["metadata"]
+    assert job.outputs["evaluation_plot"]["type"] == "system.Artifact"
+    assert job.outputs["evaluation_plot"]["uri"].startswith(
+        f"gs://acme-ml-pipelines/pipeline_root/prod/123456789012/{request.job_id}/"
+    )
+    assert job.outputs["baseline_roc_auc"] == 0.6936
+    # The fake served the shape asked for (not, say, the default one).
+    tasks = vertex.job(request.job_id)["jobDetail"]["taskDetails"]
+    assert any(t["taskName"] == request.job_id for t in tasks) is shape.get("run_task", True)
+    assert all(t["taskName"] == request.job_id or "parentTaskId" in t for t in tasks) is (
+        shape.get("parent_ids", True)
+    )
+
+
+def test_tasks_nested_in_a_component_scope_are_not_taken_for_the_root_dags(
+    runner, settings, registry, vertex, clock
+):
+    # Only tasks listed as another task's children are nested; a root task of the same name
+    # (names are unique per DAG only) is the producer.
+    request = training_request(settings, registry)
+    vertex.plan(
+        request.job_id,
+        (0, "RUNNING"),
+        (60, "SUCCEEDED"),
+        outputs=TRAINING_OUTPUTS,
+        run_task_outputs=False,
+        parent_ids=False,
+    )
+    job = run(runner, request, clock)
+    details = vertex.job(request.job_id)["jobDetail"]["taskDetails"]
+    (train,) = [t for t in details if t["taskName"] == "train-model"]
+    nested = {
+        **train,
+        "taskId": "9001",
+        "parentTaskId": train["taskId"],
+        "outputs": {key: {"artifacts": [{"uri": "gs://wrong/nested"}]} for key in train["outputs"]},
+    }
+    data = {**vertex.job(request.job_id), "jobDetail": {"taskDetails": [*details, nested]}}
+    assert runner.from_json(data).outputs == job.outputs
 
 
 def test_job_level_caching_off_disables_it_for_every_task(settings, registry, vertex, clock):
@@ -351,6 +416,41 @@ def test_a_permanent_error_names_the_job_and_is_not_retried(
     assert len(vertex.calls("create")) == 1
 
 
+def test_500s_in_the_middle_of_a_long_wait_are_retried(runner, settings, registry, vertex, clock):
+    request = training_request(settings, registry)
+    vertex.plan(request.job_id, (0, "RUNNING"), (4 * 3600, "SUCCEEDED"), outputs=TRAINING_OUTPUTS)
+    # Two hours in (the look-up and 96 polls answered), Vertex answers 500 three times.
+    vertex.fail_next("get", 3, 500, message="Internal error encountered.", skip=97)
+    job = run(runner, request, clock)
+    assert job.state is JobState.SUCCEEDED
+    assert job.outputs["roc_auc"] == 0.7782
+    statuses = [r.status for r in vertex.calls("get")]
+    assert statuses[96:101] == [200, 500, 500, 500, 200]
+    assert statuses.count(500) == 3 and len(statuses) > 101  # the wait went on after them
+    assert len(vertex.calls("create")) == 1 and not vertex.calls("cancel")
+
+
+def test_a_500_that_does_not_go_away_fails_the_wait_after_bounded_retries(
+    settings, registry, vertex, clock
+):
+    runner = make_runner(settings, registry, retry_deadline=0.3)
+    request = training_request(settings, registry)
+    vertex.plan(request.job_id, (0, "RUNNING"), (4 * 3600, "SUCCEEDED"))
+    vertex.fail_next("get", 10_000, 500, message="Internal error encountered.", skip=40)
+    with pytest.raises(VertexApiError) as failure:
+        run(runner, request, clock)
+    message = str(failure.value)
+    assert f"could not get pipeline job {request.job_id}" in message
+    assert "gave up retrying transient errors (Timeout of 0.3s exceeded)" in message
+    assert "500 GET" in message and "Internal error encountered." in message
+    statuses = [r.status for r in vertex.calls("get")]
+    assert statuses[:40] == [404] + [200] * 39
+    assert 1 < statuses.count(500) < 100  # retried, and bounded by the deadline
+    # The job itself is fine: it is left running, so that the step's retry reattaches.
+    assert not vertex.calls("cancel")
+    assert vertex.job(request.job_id)["state"] == "PIPELINE_STATE_RUNNING"
+
+
 def test_transient_errors_past_the_retry_deadline_give_up_clearly(settings, registry, vertex):
     runner = make_runner(settings, registry, retry_deadline=0.3)
     vertex.fail_next("get", 1000, 503)
@@ -392,6 +492,44 @@ def test_a_failed_job_raises_with_its_error_and_links(runner, settings, registry
     assert f"pipelines/runs/{request.job_id}?project=acme-ml" in message
     assert failure.value.job.state is JobState.FAILED
     assert failure.value.job.outputs == {}
+
+
+def test_a_state_this_code_does_not_know_is_an_error_naming_it(settings, registry, vertex, clock):
+    # A PipelineState added to the API after this code (and its client library) was written
+    # reaches the client as a number: it must not be waited on as if it were QUEUED.
+    vertex.add_state("PIPELINE_STATE_FROM_A_NEWER_API", 9)
+    runner = make_runner(settings, registry, poll=replace(VERTEX_POLL, deadline=4 * 3600))
+    request = training_request(settings, registry)
+    vertex.plan(request.job_id, (0, "RUNNING"), (600, "PIPELINE_STATE_FROM_A_NEWER_API"))
+    expected = rf"pipeline job {request.job_id} is in state 9, a PipelineState this code does not"
+    with pytest.raises(PipelineJobError, match=expected) as failure:
+        run(runner, request, clock)
+    assert f"pipelines/runs/{request.job_id}?project=acme-ml" in str(failure.value)
+    # It failed at the first poll that saw the state, and left the job as it is.
+    assert clock.sleeps and sum(clock.sleeps[:-1]) < 600 <= sum(clock.sleeps)
+    assert not vertex.calls("cancel")
+    with pytest.raises(PipelineJobError, match=expected):
+        runner.get(request.job_id)
+    # A listing of every state fails the same way; the completion sensor's, of terminal
+    # states filtered on the server, cannot contain the job.
+    labels = {"asset": "flight_delay_model"}
+    with pytest.raises(PipelineJobError, match=expected):
+        list(runner.list_jobs(labels=labels))
+    assert list(runner.list_jobs(labels=labels, states=TERMINAL_STATES)) == []
+
+
+def test_an_unspecified_state_is_a_job_not_started_yet(runner, settings, registry, vertex, clock):
+    # PIPELINE_STATE_UNSPECIFIED is the enum's default, which JSON leaves out.
+    request = training_request(settings, registry)
+    vertex.plan(
+        request.job_id,
+        (0, "UNSPECIFIED"),
+        (30, "RUNNING"),
+        (90, "SUCCEEDED"),
+        outputs=TRAINING_OUTPUTS,
+    )
+    assert runner.submit(request).state is JobState.QUEUED
+    assert run(runner, request, clock).state is JobState.SUCCEEDED
 
 
 @pytest.mark.parametrize("state", ["CANCELLED", "PAUSED"])

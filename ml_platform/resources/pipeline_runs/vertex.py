@@ -9,7 +9,8 @@ and cancelling; this module only maps the four primitives onto the API:
   compiled spec *and* its immutable ``sha256:`` version URL as ``template_uri``;
   ALREADY_EXISTS becomes ``JobAlreadyExistsError`` so the caller reattaches.
 - ``get``: ``get_pipeline_job``; NOT_FOUND is None. The pipeline's declared outputs are read
-  from the job's task details in the shape the local backend records.
+  from the job's task details in the shape the local backend records. A ``PipelineState``
+  this code does not know is a ``PipelineJobError`` naming it (in a listing too).
 - ``cancel``: ``cancel_pipeline_job``; a job that already ended is left alone.
 - ``list_jobs``: ``list_pipeline_jobs`` with a server-side filter, ``order_by`` and a read
   mask, page by page as the caller iterates.
@@ -82,6 +83,7 @@ _MAX_LABELS = 64
 # Vertex sets this one itself and overwrites whatever a caller sends.
 _RESERVED_LABELS = frozenset({"vertex-ai-pipelines-run-billing-id"})
 _DISPLAY_NAME_MAX = 128
+_UNSPECIFIED = "PIPELINE_STATE_UNSPECIFIED"
 
 
 class VertexApiError(PipelineJobError):
@@ -220,8 +222,8 @@ def resolve_outputs(
     Artifacts become ``{"uri", "type", "metadata"}`` (a Metrics artifact's metadata holds
     its logged metrics), parameters their value as declared. Vertex records the run itself
     as a task named after the job, carrying the root DAG's outputs; where that record lacks
-    one, the output is read from the task that produced it, found through the spec's
-    ``root.dag.outputs`` selectors.
+    one (or the run task is not listed), the output is read from the root DAG's task that
+    produced it, found through the spec's ``root.dag.outputs`` selectors.
     """
     root_spec = spec.get("root", {})
     declared = root_spec.get("outputDefinitions", {})
@@ -230,10 +232,14 @@ def resolve_outputs(
         (t for t in task_details if t.get("taskName") == job_id and not t.get("parentTaskId")),
         None,
     )
-    run_id = run_task.get("taskId") if run_task else None
+    # A task is in the root DAG unless its parent is another listed task (the scope of a
+    # sub-DAG or loop it is nested in): its parentTaskId may be the run task's id, empty
+    # (PipelineTaskDetail: "Empty if the task is at the root level"), or the id of a run
+    # task the details lack.
+    scopes = {t["taskId"] for t in task_details if t is not run_task and t.get("taskId")}
     producers: dict[str, Mapping[str, Any]] = {}
     for task in task_details:
-        if task is run_task or task.get("parentTaskId") != run_id:
+        if task is run_task or task.get("parentTaskId") in scopes:
             continue
         # A task name is unique within its DAG; prefer the attempt that succeeded.
         name = task.get("taskName", "")
@@ -526,7 +532,9 @@ class VertexPipelineRunner(PipelineRunner):
 
         They come from Vertex's list view (``LIST_READ_MASK``): no task details, so no
         ``outputs``; ``get`` a job for those. Jobs without an end time (still running) have
-        no defined place in the order, so ask for ended states or ``ended_after``.
+        no defined place in the order, so ask for ended states or ``ended_after``. A job in
+        a state this code does not know stops the listing with an error naming it (a filter
+        on known states, as the completion sensor's, never returns one).
         """
         from google.cloud.aiplatform_v1 import types
         from google.protobuf import field_mask_pb2
@@ -565,11 +573,18 @@ class VertexPipelineRunner(PipelineRunner):
     def from_json(self, data: Mapping[str, Any]) -> PipelineJob:
         job_id = data["name"].rsplit("/", 1)[-1]
         spec = data.get("pipelineSpec", {})
+        raw_state = data.get("state", _UNSPECIFIED)  # JSON omits the default value
         try:
-            state = JobState(data.get("state", ""))
+            # UNSPECIFIED: a job Vertex has only just created, not started yet.
+            state = JobState.QUEUED if raw_state == _UNSPECIFIED else JobState(raw_state)
         except ValueError:
-            # UNSPECIFIED (omitted from JSON) or a state newer than this code: not started yet.
-            state = JobState.QUEUED
+            # A state newer than this code (the client library passes it on as its number):
+            # waiting on it as QUEUED would last until the deadline, so say what it is.
+            raise PipelineJobError(
+                f"pipeline job {job_id} is in state {raw_state}, a PipelineState this code "
+                f"does not know; the job was left as it is [console: "
+                f"{self.links(job_id)['console']}]"
+            ) from None
         task_details = data.get("jobDetail", {}).get("taskDetails", [])
         error = data.get("error", {}).get("message") or None
         if state in (JobState.FAILED, JobState.CANCELLED, JobState.PAUSED):
