@@ -166,9 +166,11 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             dbt: DbtCliResource,
             warehouse: dg.ResourceParam[Warehouse],
         ):
-            warehouse.wait_until_writable()
-            invocation = start_dbt(dbt, ["build", *dbt_vars], settings=settings, context=context)
-            yield from invocation.stream()
+            with warehouse.writer_turn(f"dbt build of {name}, Dagster run {context.run.run_id}"):
+                invocation = start_dbt(
+                    dbt, ["build", *dbt_vars], settings=settings, context=context
+                )
+                yield from invocation.stream()
             # Every invocation gets a target folder of its own; once it has succeeded, its
             # logs and artifacts are in the run's logs, and the folders would pile up. A
             # failed invocation's folder stays, with the dbt.log its error message points to.

@@ -90,7 +90,8 @@ def test_waiting_for_another_writer_before_dbt(tmp_path: Path):
         # What dbt-duckdb would hit if it started now:
         with pytest.raises(duckdb.IOException, match="lock"):
             duckdb.connect(str(path)).close()
-        DuckDBWarehouse(path).wait_until_writable()
+        with DuckDBWarehouse(path).writer_turn("dbt"):
+            pass
         # It returned only once the other writer let go (as it exits): had it not waited,
         # the holder would sleep on for seconds after this.
         holder.wait(timeout=1)
@@ -105,8 +106,12 @@ def test_a_writer_that_never_lets_go_is_named_after_the_timeout(tmp_path: Path):
     DuckDBWarehouse(path).replace_table("raw", "flights", rows(DAY, 3))
     holder = hold_the_file(path, 60)
     try:
-        with pytest.raises(WarehouseError, match=f"cannot open {path}.*lock"):
-            DuckDBWarehouse(path, lock_timeout=0.5).wait_until_writable()
+        waiting = DuckDBWarehouse(path, lock_timeout=0.5)
+        with (
+            pytest.raises(WarehouseError, match=f"cannot open {path}.*lock"),
+            waiting.writer_turn("dbt"),
+        ):
+            pass
     finally:
         holder.kill()
         holder.wait()

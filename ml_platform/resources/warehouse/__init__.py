@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -82,9 +83,10 @@ class Warehouse(ABC):
         request's datasets are dropped this way)."""
 
     @abstractmethod
-    def wait_until_writable(self) -> None:
-        """Return once this process could start writing; called before dbt, which opens the
-        warehouse itself and does not wait for other writers."""
+    def writer_turn(self, purpose: str) -> AbstractContextManager[None]:
+        """Hold the warehouse for a writer that opens it itself (dbt), until the block ends:
+        no other writer of this platform starts meanwhile. ``purpose`` says who holds it
+        (in the message of a writer that waits too long)."""
 
 
 def check_partition(data: pa.Table, table: str, column: str, value: date) -> None:

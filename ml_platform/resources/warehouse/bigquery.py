@@ -530,10 +530,11 @@ class BigQueryWarehouse(Warehouse):
         with self._errors(f"looking up {dataset}.{table}"):
             return self._get_table(dataset, table) is not None
 
-    def wait_until_writable(self) -> None:
+    @contextmanager
+    def writer_turn(self, purpose: str) -> Iterator[None]:
         # BigQuery takes any number of writers at once; conflicting DML is retried where it
         # happens (replace_partition).
-        return None
+        yield
 
     def drop_dataset(self, dataset: str) -> bool:
         from google.api_core.exceptions import NotFound

@@ -6,6 +6,8 @@ components reopen it from its ``uri`` in processes of their own.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
 
 
 class DuckDBWarehouse(Warehouse):
-    """A DuckDB file. DuckDB lets one process write at a time, so opening waits for the lock."""
+    """A DuckDB file. DuckDB lets one process write at a time: our processes (the Dagster
+    steps, the pipeline components, dbt through the dbt assets) take turns, each waiting up
+    to ``lock_timeout`` seconds for its turn."""
 
     def __init__(self, path: str | Path, *, lock_timeout: float = 120.0) -> None:
         self.path = Path(path)
@@ -37,20 +41,39 @@ class DuckDBWarehouse(Warehouse):
     def uri(self) -> str:
         return f"duckdb://{self.path.resolve()}"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.lock")
+
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        import duckdb
-
         if read_only and not self.path.exists():
             raise WarehouseError(f"the warehouse {self.path} does not exist yet (run the ingest)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._turn(exclusive=not read_only, purpose="reading" if read_only else "writing"):
+            connection = self._open(read_only=read_only)
+            try:
+                yield connection
+            finally:
+                connection.close()
+
+    @contextmanager
+    def writer_turn(self, purpose: str) -> Iterator[None]:
+        # dbt-duckdb opens the file itself and fails at once if another process holds it:
+        # the turn is held for the whole dbt command, so no writer of ours starts meanwhile.
+        with self._turn(exclusive=True, purpose=purpose):
+            self._open(read_only=False).close()  # nor is one outside the turns still at it
+            yield
+
+    def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        import duckdb
 
         def held_by_another_process(error: Exception) -> bool:
             return isinstance(error, duckdb.IOException) and "lock" in str(error).lower()
 
         try:
-            # Another process (dbt, a pipeline component) holds the file: wait our turn.
-            connection = call(
+            # A process outside the turns (a person's dbt or duckdb shell) may still hold the
+            # file: DuckDB's own lock says so; wait for it too.
+            return call(
                 lambda: duckdb.connect(str(self.path), read_only=read_only),
                 transient=held_by_another_process,
                 backoff=Backoff(initial=0.05, maximum=1.0, deadline=self.lock_timeout),
@@ -58,18 +81,45 @@ class DuckDBWarehouse(Warehouse):
         except (duckdb.IOException, RetryDeadlineError) as error:
             cause = error.cause if isinstance(error, RetryDeadlineError) else error
             raise WarehouseError(f"cannot open {self.path}: {cause}") from error
-        try:
-            yield connection
-        finally:
-            connection.close()
 
-    def wait_until_writable(self) -> None:
-        # dbt-duckdb fails at once when another process (a pipeline component started from
-        # the CLI, say) holds the file: wait here for it to let go, then hand over to dbt.
-        # Another writer could still slip in between, but it would have to start within
-        # the few milliseconds dbt takes to open the file.
-        with self.connect():
-            pass
+    @contextmanager
+    def _turn(self, *, exclusive: bool, purpose: str) -> Iterator[None]:
+        """This process's turn at the file, waited for up to ``lock_timeout``: shared for
+        readers, exclusive for writers (DuckDB lets one process write, or any number read).
+
+        An advisory lock beside the file, held for as long as the file is used: DuckDB's
+        own lock is taken only once the file is open, which leaves a writer that opens it
+        itself (dbt) a gap as long as its start-up. The kernel releases it when the process
+        ends, however it ends. An exclusive holder writes who it is into the lock file, so a
+        writer that waits too long can say who holds the warehouse.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                call(
+                    lambda: fcntl.flock(
+                        fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+                    ),
+                    transient=lambda error: isinstance(error, BlockingIOError),
+                    backoff=Backoff(initial=0.05, maximum=1.0, deadline=self.lock_timeout),
+                )
+            except (BlockingIOError, RetryDeadlineError) as error:
+                holder = self.lock_path.read_text().strip() or "processes reading it"
+                raise WarehouseError(
+                    f"cannot open {self.path}: {holder} has held it for over "
+                    f"{self.lock_timeout:g} s (lock {self.lock_path})"
+                ) from error
+            if exclusive:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({purpose})".encode(), 0)
+            try:
+                yield
+            finally:
+                if exclusive:
+                    os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the lock
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
