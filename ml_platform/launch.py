@@ -7,6 +7,8 @@ completion sensor tells them apart by the `dagster_run_id` label only).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import uuid
 from datetime import date
@@ -65,21 +67,37 @@ def job_request(
     partition: str | None,
     parameters: dict[str, Any],
     dagster_run_id: str | None,
+    lineage: str | None = None,
 ) -> JobRequest:
     """A job for ``asset`` (and ``partition``): by a Dagster run, or by someone else.
 
-    A Dagster run's job id is deterministic (asset, partition, run id), so a retried step
-    finds the job it already submitted. Anyone else gets a fresh id each time.
+    A Dagster run's job id comes from the asset, the partition and the run's ``lineage``
+    (the root run of a re-execution, else the run itself), so a retried step and a
+    re-execution from failure find the job the first attempt submitted. A job doing the same
+    work (same inputs) still in flight is awaited instead (a crashed `make run`, rerun).
+    Anyone else gets a fresh job each time.
     """
     pipeline = PIPELINE_OF_ASSET[asset]
-    origin = dagster_run_id or f"manual-{uuid.uuid4().hex[:12]}"
-    return JobRequest(
-        job_id=make_job_id(asset, partition or "", origin),
-        template=template_for_run(settings, templates, pipeline),
-        parameters=parameters,
-        labels=settings.job_labels(asset=asset, partition=partition, run_id=dagster_run_id),
-        display_name=f"{asset} {partition or ''}".strip(),
+    template = template_for_run(settings, templates, pipeline)
+    inputs = inputs_digest(template, parameters)
+    labels = settings.job_labels(
+        asset=asset, partition=partition, run_id=dagster_run_id, inputs=inputs
     )
+    origin = lineage or dagster_run_id
+    return JobRequest(
+        job_id=make_job_id(asset, partition or "", origin or f"manual-{uuid.uuid4().hex[:12]}"),
+        template=template,
+        parameters=parameters,
+        labels=labels,
+        display_name=f"{asset} {partition or ''}".strip(),
+        same_work={k: v for k, v in labels.items() if k != "dagster_run_id"} if origin else {},
+    )
+
+
+def inputs_digest(template: TemplateVersion, parameters: dict[str, Any]) -> str:
+    """What a job computes from: its template version and parameters (a label value)."""
+    text = json.dumps([template.version, parameters], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def training_parameters(settings: Settings, warehouse_uri: str, cutoff: date) -> dict[str, Any]:

@@ -252,15 +252,18 @@ class Settings:
         return labels
 
     def job_labels(
-        self, *, asset: str, partition: str | None, run_id: str | None
+        self, *, asset: str, partition: str | None, run_id: str | None, inputs: str | None = None
     ) -> dict[str, str]:
-        """Labels of one pipeline job: which asset and partition, and the Dagster run that
-        started it (no such label on a job started outside Dagster)."""
+        """Labels of one pipeline job: which asset and partition, a digest of its inputs
+        (template version and parameters), and the Dagster run that started it (no such
+        label on a job started outside Dagster)."""
         labels = {
             **self.labels,
             "asset": sanitize_label_value(asset),
             "partition": sanitize_label_value(partition or "none"),
         }
+        if inputs:
+            labels["inputs"] = sanitize_label_value(inputs)
         if run_id:
             labels["dagster_run_id"] = sanitize_label_value(run_id)
         return labels

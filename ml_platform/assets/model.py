@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
+from ml_platform.assets.pipeline_jobs import RETRY_POLICY, job_metadata, run_pipeline
 from ml_platform.launch import MODEL_ASSET, beats_baseline, training_parameters
 from ml_platform.resources.artifacts import ArtifactStore
 from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
@@ -67,6 +67,7 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
         deps=[dg.AssetKey(["features", "training_data"])],
         group_name="ml",
         kinds={"kubeflow", "scikitlearn"},
+        retry_policy=RETRY_POLICY,
         check_specs=[
             dg.AssetCheckSpec(
                 BEATS_BASELINE,

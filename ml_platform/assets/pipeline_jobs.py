@@ -1,14 +1,25 @@
 """How an asset runs a Kubeflow pipeline: template, job id, labels, metadata. Shared by
 the model and the predictions assets so both behave the same on every backend."""
 
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
 from ml_platform.launch import job_request
-from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
+from ml_platform.resources.pipeline_runs import (
+    FAILURE_STATES,
+    PipelineJob,
+    PipelineJobError,
+    PipelineRunner,
+)
 from ml_platform.resources.templates import TemplateRegistry
 from ml_platform.settings import Settings
+
+# A step that lost track of its job (the run worker died, an API error past its retries)
+# runs again and reattaches to the job; a job that itself failed is not run again by this.
+RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
 
 def run_pipeline(
@@ -21,21 +32,47 @@ def run_pipeline(
 ) -> PipelineJob:
     """Run the pipeline of the asset being materialized and wait for it to succeed.
 
-    The job id comes from the Dagster run, asset and partition, so a retried step (or a
-    resumed run) finds the job it already submitted instead of submitting another.
+    The job id comes from the asset, the partition and the run's lineage, so a retried step
+    or a re-execution from failure finds the job it already submitted instead of submitting
+    another (``launch.job_request``).
     """
+    run = context.run
     request = job_request(
         settings,
         templates,
         asset=context.asset_key.to_user_string(),
         partition=context.partition_key if context.has_partition_key else None,
         parameters=parameters,
-        dagster_run_id=context.run.run_id,
+        dagster_run_id=run.run_id,
+        lineage=run.root_run_id or run.run_id,
     )
+    request = replace(request, reuse_succeeded_after=_inputs_changed(context))
     context.log.info(
         f"template {request.pipeline}:{settings.template_tag} is {request.template.version}"
     )
-    return runner.run(request, log=context.log)
+    try:
+        return runner.run(request, log=context.log)
+    except PipelineJobError as error:
+        if error.job is not None and error.job.state in FAILURE_STATES:
+            # The job ran and failed: its error says why, and running it again would not help.
+            raise dg.Failure(str(error), allow_retries=False) from error
+        raise
+
+
+def _inputs_changed(context: dg.AssetExecutionContext) -> datetime:
+    """The latest materialization of the asset (its partition) or of an asset it reads: a job
+    of the same work that succeeded after it computed what this step would compute now."""
+    instance, key = context.instance, context.asset_key
+    partitions = [context.partition_key] if context.has_partition_key else None
+    own = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
+    ).records
+    times = [record.timestamp for record in own]
+    for upstream in context.assets_def.asset_deps[key]:
+        event = instance.get_latest_materialization_event(upstream)
+        if event is not None:
+            times.append(event.timestamp)
+    return datetime.fromtimestamp(max(times, default=0.0), UTC)
 
 
 def job_metadata(job: PipelineJob) -> dict[str, Any]:

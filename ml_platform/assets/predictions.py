@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 
 from ml_platform.assets.model import BEATS_BASELINE, MODEL_KEY
-from ml_platform.assets.pipeline_jobs import job_metadata, run_pipeline
+from ml_platform.assets.pipeline_jobs import RETRY_POLICY, job_metadata, run_pipeline
 from ml_platform.launch import PREDICTIONS_ASSET, PREDICTIONS_TABLE, prediction_parameters
 from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
 from ml_platform.resources.templates import TemplateRegistry
@@ -21,13 +21,17 @@ def current_model(instance: dg.DagsterInstance) -> dict[str, dg.MetadataValue]:
     """The latest model's metadata, refusing a model that failed its baseline check."""
     event = instance.get_latest_materialization_event(MODEL_KEY)
     if event is None or event.asset_materialization is None:
-        raise dg.Failure("no flight_delay_model has been materialized yet; materialize it first")
+        raise dg.Failure(
+            "no flight_delay_model has been materialized yet; materialize it first",
+            allow_retries=False,
+        )
     metadata = event.asset_materialization.metadata
     beats = metadata.get(BEATS_BASELINE)
     if beats is None or not beats.value:
         raise dg.Failure(
             f"the latest flight_delay_model (run {event.run_id}) did not beat its baseline; "
             "refusing to score with it",
+            allow_retries=False,
             metadata={
                 "roc_auc": metadata.get("roc_auc"),
                 "baseline": metadata.get("baseline_roc_auc"),
@@ -56,6 +60,7 @@ def build_predictions_asset(settings: Settings) -> dg.AssetsDefinition:
         partitions_def=DAILY_2013,
         group_name="ml",
         kinds={"kubeflow", "duckdb" if settings.is_local else "bigquery"},
+        retry_policy=RETRY_POLICY,
         metadata={"dagster/table_name": f"{dataset}.{PREDICTIONS_TABLE}"},
     )
     def flight_delay_predictions(

@@ -3,6 +3,8 @@
 
 import os
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,34 @@ def test_a_failed_job_is_retried_under_a_new_id(backend):
     assert job.job_id == "nap-1-retry1"
     states = {j.job_id: j.state for j in runner.list_jobs()}
     assert states == {"nap-1": JobState.FAILED, "nap-1-retry1": JobState.SUCCEEDED}
+
+
+def test_the_same_work_in_flight_is_awaited_instead_of_submitted_again(backend):
+    runner, _, template = backend
+    work = {"deployment": "local", "asset": "nap", "inputs": "abc"}
+    first = runner.submit(
+        replace(request(template, "run-a", seconds=2.0), labels=work, same_work=work)
+    )
+    # Another run (the rerun of a crashed one) asks for the same work under its own id.
+    job = runner.run(replace(request(template, "run-b", seconds=2.0), labels=work, same_work=work))
+    assert job.job_id == first.job_id and job.state is JobState.SUCCEEDED
+    assert [j.job_id for j in runner.list_jobs()] == ["run-a"]
+
+
+def test_a_succeeded_job_nobody_recorded_is_taken_only_if_the_inputs_did_not_change(backend):
+    runner, _, template = backend
+    work = {"deployment": "local", "asset": "nap", "inputs": "abc"}
+    done = runner.run(replace(request(template, "run-a"), labels=work, same_work=work))
+    before_it = done.create_time - timedelta(seconds=1)
+    again = runner.run(
+        replace(request(template, "run-b"), same_work=work, reuse_succeeded_after=before_it)
+    )
+    assert again == done  # its run crashed before recording it: taken as done
+    changed = done.end_time + timedelta(seconds=1)  # an input was rebuilt since
+    new = runner.run(
+        replace(request(template, "run-c"), same_work=work, reuse_succeeded_after=changed)
+    )
+    assert new.job_id == "run-c"
 
 
 def test_an_interrupted_wait_cancels_the_job(backend):

@@ -5,7 +5,8 @@ implements four primitives: ``submit``, ``get``, ``cancel`` and ``list_jobs``. W
 get wrong lives once, in ``PipelineRunner.run``:
 
 - a deterministic job id; on a retry the job is looked up first and reattached, so one
-  attempt never submits twice; a failed or cancelled job gets a new id;
+  attempt never submits twice; a failed or cancelled job gets a new id; a job doing the
+  same work that is still in flight is awaited instead of submitting it again;
 - our own poll loop with backoff and a deadline; success only on SUCCEEDED;
 - an interrupted wait (the Dagster run is terminated) cancels the job.
 """
@@ -47,10 +48,11 @@ class JobState(StrEnum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # States a waiting run gives up on: PAUSED needs a person, it will not finish by itself.
-_FAILURE_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.PAUSED})
+FAILURE_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.PAUSED})
 # States a retry does not reattach to: a job being cancelled (say, by the terminated run
 # before this retry) can only end CANCELLED.
-_NOT_REATTACHABLE = _FAILURE_STATES | {JobState.CANCELLING}
+_NOT_REATTACHABLE = FAILURE_STATES | {JobState.CANCELLING}
+_IN_FLIGHT = (JobState.QUEUED, JobState.PENDING, JobState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,14 @@ class JobRequest:
     parameters: Mapping[str, Any]
     labels: Mapping[str, str]
     display_name: str = ""
+    # The labels every job doing the same work carries (deployment, asset, partition and a
+    # digest of the inputs), whoever started it: a job found in flight with them is awaited
+    # instead of submitting the work again. Empty: always submit.
+    same_work: Mapping[str, str] = field(default_factory=dict)
+    # When the work's inputs last changed (or its result was last recorded): a job of the
+    # same work that succeeded after it, whose result nobody recorded (its run crashed), is
+    # taken as done. None: only jobs in flight are taken.
+    reuse_succeeded_after: datetime | None = None
 
     @property
     def pipeline(self) -> str:
@@ -203,10 +213,16 @@ class PipelineRunner(ABC):
         return self.wait(job, log=log, sleep=sleep, clock=clock)
 
     def submit_or_reattach(self, request: JobRequest, log: Log) -> PipelineJob:
+        """The job of this request: the one its id names if that can still succeed, else one
+        doing the same work still in flight (a crashed run's, before its rerun), else new."""
         for attempt in range(100):
             job_id = request.job_id if attempt == 0 else f"{request.job_id}-retry{attempt}"
             existing = self.get(job_id)
             if existing is None:
+                same = self._same_work(request)
+                if same is not None:
+                    log.info(f"the same work was already submitted: {same.describe()}")
+                    return same
                 try:
                     job = self.submit(replace(request, job_id=job_id))
                 except JobAlreadyExistsError:
@@ -225,6 +241,21 @@ class PipelineRunner(ABC):
             return existing
         raise PipelineJobError(f"gave up after 100 failed attempts of {request.job_id}")
 
+    def _same_work(self, request: JobRequest) -> PipelineJob | None:
+        """A job doing the request's work in flight, else one that succeeded since its inputs
+        last changed and was never recorded; None if there is neither."""
+        if not request.same_work:
+            return None
+        after = request.reuse_succeeded_after
+        states = _IN_FLIGHT if after is None else (*_IN_FLIGHT, JobState.SUCCEEDED)
+        jobs = list(self.list_jobs(labels=request.same_work, states=states))
+        found = next((job for job in jobs if job.state in _IN_FLIGHT), None)
+        if found is None and after is not None:
+            done = [job for job in jobs if job.end_time and job.end_time > after]
+            found = max(done, key=lambda job: job.end_time, default=None)
+        # Read whole: a listing may carry no outputs (Vertex's list view).
+        return self.get(found.job_id) if found is not None else None
+
     def wait(
         self,
         job: PipelineJob,
@@ -241,7 +272,7 @@ class PipelineRunner(ABC):
             while True:
                 if job.state is JobState.SUCCEEDED:
                     return job
-                if job.state in _FAILURE_STATES:
+                if job.state in FAILURE_STATES:
                     raise PipelineJobError(job.describe(), job)
                 if clock() - started > self.poll.deadline:
                     self._cancel_quietly(job.job_id, log)
