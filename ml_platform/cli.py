@@ -44,9 +44,14 @@ def materialize(settings: Settings, days: int) -> int:
     log_path.write_text("")
 
     def run(job_name: str, **kwargs) -> None:
-        # The full logs are in the Dagster instance (`make dev`) and dbt's output in the log
-        # file; the terminal gets progress and a summary.
-        with log_path.open("a") as log, contextlib.redirect_stdout(log):
+        # The terminal gets progress and a summary. dbt's output (on stdout) and Dagster's
+        # warnings and errors with their stacks (its console logger writes to sys.stderr) go
+        # to the log file; every event is in the Dagster instance (`make dev`).
+        with (
+            log_path.open("a") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance,
                 raise_on_error=False,
@@ -54,14 +59,7 @@ def materialize(settings: Settings, days: int) -> int:
                 **kwargs,
             )
         if not result.success:
-            failure = next(
-                (e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None
-            )
-            detail = failure.event_specific_data.error.message if failure else "see the run's logs"
-            raise SystemExit(
-                f"{job_name} failed (run {result.run_id}): {detail.strip()}\n"
-                f"dbt output: {log_path}; the run's logs: make dev"
-            )
+            raise SystemExit(failure_summary(job_name, result, log_path))
 
     print("1/3 ingest, dbt features, flight_delay_model", flush=True)
     run("train_flight_delay_model")
@@ -95,6 +93,48 @@ def materialize(settings: Settings, days: int) -> int:
     print(f"warehouse: {settings.duckdb_path}")
     print(f"Dagster instance: {settings.dagster_home} (make dev shows these runs)")
     return 0
+
+
+def failure_summary(job_name: str, result, log_path: Path) -> str:
+    """What the terminal says about a failed run: where the details are, then, on the last
+    line, the error that failed it, as its class and message (its stack is in the log file)."""
+    failure = next(
+        (
+            event
+            for event in result.all_events
+            if event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE")
+            and getattr(event.event_specific_data, "error", None) is not None
+        ),
+        None,
+    )
+    where = f" in step {failure.step_key}" if failure is not None and failure.step_key else ""
+    head = (
+        f"{job_name} failed (run {result.run_id}){where}; the error with its stack and dbt's "
+        f"output: {log_path}; the run's logs: make dev"
+    )
+    if failure is None:
+        return head
+    return f"{head}\n{error_line(failure.event_specific_data.error)}"
+
+
+def error_line(error) -> str:
+    """``Class: message`` of the error our code (or a library it calls) raised.
+
+    Dagster reports a failed step as its own error (DagsterExecutionStepExecutionError, "Error
+    occurred while executing op ...") caused by that error; its resource, input and output
+    errors wrap theirs the same way. Our errors carry what they wrap in their message (the
+    file, the line, the variable), so the first error past Dagster's is the one to show.
+    """
+    while error.cause is not None and (error.cls_name or "").startswith("Dagster"):
+        error = error.cause
+    # The message is "module.Class: text" (traceback.format_exception_only), stack aside.
+    message = error.message.strip()
+    qualified, _, text = message.partition(": ")
+    cls_name = error.cls_name or qualified.rsplit(".", 1)[-1]
+    if qualified.rsplit(".", 1)[-1] != cls_name:
+        text = message
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())  # one line
+    return f"{cls_name}: {text}" if text else cls_name
 
 
 def _pipeline_names(args) -> list[str]:

@@ -6,7 +6,9 @@ Google SDK, kfp, scikit-learn or pandas at module top anywhere it reaches.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import sys
 
 import dagster as dg
 
@@ -20,9 +22,28 @@ from ml_platform.schedules import build_schedules
 from ml_platform.sensors import REPORTING_JOB, build_completion_sensor
 from ml_platform.settings import Settings, get_settings
 
-# (See the end of this module.) Frozen once here too, so that the full collections that
-# building the dbt assets triggers (dagster-dbt imports dbt's graph selection) skip Dagster.
-gc.freeze()
+
+def _freeze() -> None:
+    """``gc.freeze()`` what this process holds so far (see the end of this module).
+
+    Frozen objects are never collected, not even at exit. When DuckDB is already imported
+    (parsing the dbt project at load, when its manifest is missing, stale or made for another
+    data folder, starts dbt-duckdb, hence duckdb, in this process; tests import it first),
+    its module's types, functions and constants are frozen with the rest, are still alive
+    when its extension unloads, and its bindings (nanobind) print some 45 lines of
+    "nanobind: leaked ..." at exit. Such a process unfreezes at exit: the interpreter's own
+    last collections then free them, at the cost the exit has without the freeze. A process
+    that imports DuckDB after the freeze (the CLI, run workers, steps) keeps the whole saving.
+    """
+    gc.freeze()
+    if "_duckdb" in sys.modules:
+        atexit.unregister(gc.unfreeze)  # once, however often this runs
+        atexit.register(gc.unfreeze)
+
+
+# Frozen once here too, so that the full collections that building the dbt assets triggers
+# (dagster-dbt imports dbt's graph selection) skip Dagster.
+_freeze()
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -67,4 +88,4 @@ defs = build_definitions(get_settings())
 # process. Frozen, it is no longer walked by every full collection (0.1 s each), nor by the
 # collections at interpreter exit (0.6 s for every run worker and step process that
 # imports this module and then ends). bench/p1_import_cost.py measures it.
-gc.freeze()
+_freeze()

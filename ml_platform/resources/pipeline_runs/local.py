@@ -31,6 +31,7 @@ from ml_platform.resources.pipeline_runs import (
     JobRequest,
     JobState,
     PipelineJob,
+    PipelineJobError,
     PipelineRunner,
     PollPolicy,
 )
@@ -76,6 +77,10 @@ def _to_datetime(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
+class JobStoreError(PipelineJobError):
+    """The job store cannot be read or written (a full disk, a read-only data folder)."""
+
+
 class JobStore:
     """Vertex-like job records in one SQLite file, safe for several processes."""
 
@@ -85,17 +90,26 @@ class JobStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        # Created on first use, so building the Definitions touches no files.
-        if not self._ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=60000")
-            if not self._ready:
-                db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-                db.executescript(_SCHEMA)
-                self._ready = True
-            yield db
+        # Made on first use, so building the Definitions touches no files; and made again if
+        # deleted under a running process (a code server's sensor would fail every tick).
+        ready = self._ready and self.path.exists()
+        try:
+            if not ready:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as db:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA busy_timeout=60000")
+                if not ready:
+                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                    db.executescript(_SCHEMA)
+                    self._ready = True
+                yield db
+        except sqlite3.IntegrityError:
+            raise  # a job id taken: the caller's to say
+        except (sqlite3.Error, OSError) as error:
+            raise JobStoreError(
+                f"the pipeline job store {self.path} cannot be used: {error}"
+            ) from error
 
     def insert(self, row: Mapping[str, Any]) -> None:
         columns = ", ".join(row)
