@@ -7,7 +7,6 @@ ml-platform materialize [--days N]   the whole asset graph, in the Dagster insta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from datetime import date, timedelta
 from pathlib import Path
@@ -20,54 +19,73 @@ REPORTING_TABLES = ("daily_delay_report", "carrier_route_risk", "prediction_cali
 def _instance(settings: Settings):
     import dagster as dg
 
+    from ml_platform.settings import PROJECT_DIR
+
     settings.dagster_home.mkdir(parents=True, exist_ok=True)
+    config = settings.dagster_home / "dagster.yaml"
+    if not config.exists():  # another DAGSTER_HOME: the project's instance settings (its queue)
+        config.write_text((PROJECT_DIR / "dagster_home" / "dagster.yaml").read_text())
     return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
 def materialize(settings: Settings, days: int) -> int:
-    """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting."""
+    """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting.
+
+    Every run goes through the instance's queue, as the UI's do, executed by `make dev`'s
+    daemon if one runs, else by one of this command's own while it runs.
+    """
+    import dagster as dg
 
     from ml_platform.assets.model import MODEL_KEY
-    from ml_platform.definitions import build_definitions
     from ml_platform.launch import PREDICTIONS_TABLE
+    from ml_platform.local_runs import (
+        LaunchError,
+        cancel_abandoned,
+        launch,
+        queue_daemon,
+        wait_for,
+    )
     from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
+    from ml_platform.settings import PROJECT_DIR, child_environment
 
     if not settings.is_local:
         print("materialize runs the local deployment only", file=sys.stderr)
         return 2
-    defs = build_definitions(settings)
     instance = _instance(settings)
     window = [settings.training_cutoff + timedelta(days=i) for i in range(days)]
 
     log_path = settings.data_dir / "materialize.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("")
+    env = child_environment(settings)
+    workspace = PROJECT_DIR / "workspace.yaml"
 
-    def run(job_name: str, **kwargs) -> None:
-        # The terminal gets progress and a summary. dbt's output (on stdout) and Dagster's
-        # warnings and errors with their stacks (its console logger writes to sys.stderr) go
-        # to the log file; every event is in the Dagster instance (`make dev`).
-        with (
-            log_path.open("a") as log,
-            contextlib.redirect_stdout(log),
-            contextlib.redirect_stderr(log),
-        ):
-            result = defs.resolve_job_def(job_name).execute_in_process(
-                instance=instance,
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                **kwargs,
-            )
-        if not result.success:
-            raise SystemExit(failure_summary(job_name, result, log_path))
+    def run(log, jobs: list[tuple[str, str | None]]) -> None:
+        # The terminal gets progress and a summary; the daemon's and the runs' output go to
+        # the log file, and every event is in the instance (`make dev`).
+        run_ids = launch(jobs, workspace=workspace, location="ml_platform", env=env, log=log)
+        for run_id, (job, _) in zip(run_ids, jobs, strict=True):
+            ended = wait_for(instance, run_id)
+            if ended.status is not dg.DagsterRunStatus.SUCCESS:
+                for later in run_ids[run_ids.index(run_id) + 1 :]:  # nothing after a failure
+                    queued = instance.get_run_by_id(later)
+                    if queued is not None and queued.status is dg.DagsterRunStatus.QUEUED:
+                        instance.report_run_canceled(queued, f"{job} failed before it")
+                log.write(failure_details(instance, run_id))
+                raise SystemExit(failure_summary(job, instance, ended, log_path))
 
-    print("1/3 ingest, dbt features, flight_delay_model", flush=True)
-    run("train_flight_delay_model")
-    print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
-    for day in window:
-        run("score_flights", partition_key=day.isoformat())
-    print("3/3 dbt reporting models", flush=True)
-    run("refresh_reporting")
+    for abandoned in cancel_abandoned(instance):
+        print(f"canceled run {abandoned.run_id} ({abandoned.job_name}) of a killed materialize")
+    with log_path.open("w") as log:
+        try:
+            with queue_daemon(instance, workspace=workspace, env=env, log=log):
+                print("1/3 ingest, dbt features, flight_delay_model", flush=True)
+                run(log, [("train_flight_delay_model", None)])
+                print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
+                run(log, [("score_flights", day.isoformat()) for day in window])
+                print("3/3 dbt reporting models", flush=True)
+                run(log, [("refresh_reporting", None)])
+        except LaunchError as error:
+            raise SystemExit(f"ml-platform: {error}") from error
 
     model = instance.get_latest_materialization_event(MODEL_KEY).asset_materialization.metadata
     warehouse = DuckDBWarehouse(settings.duckdb_path)
@@ -95,26 +113,45 @@ def materialize(settings: Settings, days: int) -> int:
     return 0
 
 
-def failure_summary(job_name: str, result, log_path: Path) -> str:
+def _failure(instance, run_id: str):
+    """The step failure (else the run failure) of a run, as Dagster recorded it."""
+    import dagster as dg
+
+    failures = [
+        entry.dagster_event
+        for entry in instance.all_logs(run_id)
+        if entry.dagster_event is not None
+        and entry.dagster_event.event_type
+        in (dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE)
+    ]
+    with_error = [e for e in failures if getattr(e.event_specific_data, "error", None) is not None]
+    return (with_error or failures or [None])[0]
+
+
+def failure_details(instance, run_id: str) -> str:
+    """The failure with its whole stack, for the log file."""
+    failure = _failure(instance, run_id)
+    if failure is None:
+        return f"run {run_id} did not succeed; its events are in the Dagster instance\n"
+    error = getattr(failure.event_specific_data, "error", None)
+    stack = error.to_string() if error is not None else ""
+    return f"{failure.event_type_value} {failure.message or ''}\n{stack}\n"
+
+
+def failure_summary(job_name: str, instance, run, log_path: Path) -> str:
     """What the terminal says about a failed run: where the details are, then, on the last
     line, the error that failed it, as its class and message (its stack is in the log file)."""
-    failure = next(
-        (
-            event
-            for event in result.all_events
-            if event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE")
-            and getattr(event.event_specific_data, "error", None) is not None
-        ),
-        None,
-    )
+    failure = _failure(instance, run.run_id)
     where = f" in step {failure.step_key}" if failure is not None and failure.step_key else ""
+    state = "failed" if run.status.value == "FAILURE" else run.status.value.lower()
     head = (
-        f"{job_name} failed (run {result.run_id}){where}; the error with its stack and dbt's "
-        f"output: {log_path}; the run's logs: make dev"
+        f"{job_name} {state} (run {run.run_id}){where}; the error with its stack: {log_path}; "
+        "the run's logs: make dev"
     )
     if failure is None:
         return head
-    return f"{head}\n{error_line(failure.event_specific_data.error)}"
+    error = getattr(failure.event_specific_data, "error", None)
+    return f"{head}\n{error_line(error) if error is not None else failure.message}"
 
 
 def error_line(error) -> str:

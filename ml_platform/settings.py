@@ -437,6 +437,18 @@ def _positive_int(env: Mapping[str, str], variable: str) -> int:
 PROD_DATASETS = frozenset(f"{DATASET_PREFIX}{logical}" for logical in DATASETS)
 
 
+def child_environment(settings: Settings) -> dict[str, str]:
+    """The environment of the Dagster processes a command starts (a daemon, `dagster-graphql`):
+    this process's, with the deployment's instance and data folder, and this Python's scripts
+    first on PATH (dagster-dbt runs `dbt` from there)."""
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "ML_PLATFORM_DATA_DIR": str(settings.data_dir),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+
+
 @cache
 def get_settings() -> Settings:
     """The settings of this process, resolved once."""
