@@ -312,8 +312,14 @@ class _PrintLog:
     warning = info
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        # One line that says what is wrong, without the usage (`--help` has it).
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ml-platform",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -326,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     pipelines = commands.add_parser("pipelines", help="compile, publish, run and list pipelines")
     actions = pipelines.add_subparsers(dest="action", required=True)
-    names = {"action": "append", "dest": "pipeline", "help": "only this pipeline (repeatable)"}
+    from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
+
+    names = {
+        "action": "append",
+        "dest": "pipeline",
+        "choices": [TRAINING_PIPELINE, PREDICTION_PIPELINE],
+        "help": "only this pipeline (repeatable)",
+    }
     compile_ = actions.add_parser("compile", help="compile the pipelines to YAML")
     compile_.add_argument("--output-dir", type=Path, default=Path("build/pipelines"))
     compile_.add_argument("--pipeline", **names)
@@ -362,8 +375,24 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--days must fit between the training cutoff and the end of 2013")
             return materialize(settings, args.days)
         return handlers[args.action](settings, args)
-    except SettingsError as error:  # a clear message, not a traceback
-        raise SystemExit(f"ml-platform: {error}") from error
+    except expected_errors() as error:  # one line that says what and where, no traceback
+        raise SystemExit(f"ml-platform: {_one_line(error)}") from error
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What the commands may meet outside their control: settings, a full disk or a read-only
+    folder (OSError names the path), a warehouse, job store, template or artifact that cannot
+    be used (their messages name it). Anything else is a bug, and keeps its traceback."""
+    from ml_platform.resources.artifacts import ArtifactError
+    from ml_platform.resources.pipeline_runs import PipelineJobError
+    from ml_platform.resources.templates import TemplateError
+    from ml_platform.resources.warehouse import WarehouseError
+
+    return (SettingsError, OSError, PipelineJobError, TemplateError, WarehouseError, ArtifactError)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _positive(text: str) -> int:

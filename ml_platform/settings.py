@@ -26,6 +26,8 @@ from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
+from ml_platform.resources.templates import is_tag_or_version
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = PROJECT_DIR / "dbt_project"
 # The dbt installed beside this Python, whether or not its folder is on PATH.
@@ -34,6 +36,9 @@ DBT_EXECUTABLE = Path(sys.executable).parent / "dbt"
 # The logical datasets (DuckDB schemas locally, BigQuery datasets on Google Cloud).
 DATASETS = ("raw", "staging", "features", "predictions", "reporting")
 DATASET_PREFIX = "flights_"
+
+# Google Cloud regions: us-central1, europe-west4, northamerica-northeast1, ...
+_REGION = re.compile(r"[a-z]+(-[a-z]+)+[0-9]+")
 
 # Vertex AI label rules: keys and values at most 63 characters of lowercase letters,
 # digits, '_' and '-'; keys start with a letter.
@@ -169,6 +174,16 @@ class Settings:
                 )
         if self.gcp_credential_config is not None:
             _check_credential_config(self.gcp_credential_config)
+        if not is_tag_or_version(self.template_tag):
+            raise SettingsError(
+                "ML_PLATFORM_TEMPLATE_TAG must be a pipeline template tag (letters, digits, "
+                f"'.', '_', '-'; at most 128) or a sha256: version, got {self.template_tag!r}"
+            )
+        if not _REGION.fullmatch(self.gcp_region):
+            raise SettingsError(
+                "ML_PLATFORM_GCP_REGION must be a Google Cloud region such as us-central1 or "
+                f"europe-west4, got {self.gcp_region!r}"
+            )
 
     # -- names -------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ml_platform.resources.local_files import write_atomically
 from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobAlreadyExistsError,
@@ -304,7 +305,7 @@ class LocalPipelineRunner(PipelineRunner):
         try:
             # The worker runs exactly the version that was resolved, from a copy in its folder.
             template_path = job_dir / "pipeline.yaml"
-            template_path.write_bytes(self.registry.fetch(request.template))
+            write_atomically(template_path, self.registry.fetch(request.template))
             log_path = job_dir / "job.log"
             now = _now()
             self.store.insert(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PACKAGE = re.compile(r"^[a-z][a-z0-9-]{0,127}$")
+_VERSION = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class TemplateError(LookupError):
@@ -50,6 +51,11 @@ class TemplateRegistry(ABC):
     @abstractmethod
     def fetch(self, version: TemplateVersion) -> bytes:
         """The compiled YAML of one version."""
+
+
+def is_tag_or_version(text: str) -> bool:
+    """A tag (``latest``, ``v1.2.0``, ``sha-1f2e3d``) or an explicit ``sha256:`` version."""
+    return bool(_TAG.fullmatch(text) or _VERSION.fullmatch(text))
 
 
 def check_tags(package: str, tags: Sequence[str]) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ml_platform.resources.local_files import write_atomically
 from ml_platform.resources.templates import (
     TemplateError,
     TemplateRegistry,
@@ -37,9 +37,9 @@ class LocalTemplateRegistry(TemplateRegistry):
             fcntl.flock(lock, fcntl.LOCK_EX)
             tags = self._read_tags(package)
             yield tags
-            scratch = directory / "tags.json.tmp"
-            scratch.write_text(json.dumps(tags, indent=2, sort_keys=True))
-            os.replace(scratch, directory / "tags.json")
+            write_atomically(
+                directory / "tags.json", json.dumps(tags, indent=2, sort_keys=True).encode()
+            )
 
     def _read_tags(self, package: str) -> dict[str, str]:
         path = self._package_dir(package) / "tags.json"
@@ -65,10 +65,7 @@ class LocalTemplateRegistry(TemplateRegistry):
         # would otherwise share the scratch file, and one could publish the other's half.
         with self._locked_tags(package) as current:
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                scratch = path.with_suffix(".tmp")
-                scratch.write_bytes(content)
-                os.replace(scratch, path)
+                write_atomically(path, content)
             current.update(dict.fromkeys(tags, version))
             return self._version(package, version, current)
 
