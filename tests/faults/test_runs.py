@@ -166,3 +166,24 @@ def test_materialize_again_after_its_terminal_was_closed_mid_run(place: Place):
     for day, runs in by_day.items():
         for before, after in itertools.pairwise(runs):
             assert before["end_time"] <= after["start_time"], f"two jobs of {day} at once"
+
+
+def test_materialize_again_after_it_was_killed_while_training(place: Place):
+    killed = place.materialize(1)
+    wait_until(
+        lambda: any(
+            r.job_name == "train_flight_delay_model"
+            for r in place.runs(dg.DagsterRunStatus.STARTED)
+        ),
+        600,
+        "the training run to start",
+    )
+    killed.send_signal(signal.SIGKILL)  # the command alone: its daemon goes with it
+    killed.communicate(timeout=60)
+
+    again = place.materialize(1)
+    output = again.communicate(timeout=900)[0]
+    assert again.returncode == 0, output[-3000:]
+    assert place.runs(dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED) == []
+    assert place.duplicates() == []
+    wait_until(lambda: place.orphaned_jobs() == [], 30, "no job without a worker")

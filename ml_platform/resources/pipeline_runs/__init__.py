@@ -296,8 +296,8 @@ class PipelineRunner(ABC):
             # the job: leave it running, so that a retry of the step reattaches to it.
             raise PipelineJobError(
                 f"lost track of pipeline job {job.job_id} while waiting for it "
-                f"({type(error).__name__}: {error}); it was left running, and a retry "
-                "reattaches to it",
+                f"({type(error).__name__}: {error}); it was left running: a retry or rerun "
+                "of its Dagster step waits for it, and `ml-platform pipelines list` shows it",
                 job,
             ) from error
         except BaseException:
