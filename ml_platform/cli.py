@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from ml_platform.settings import Settings, SettingsError, get_settings
@@ -46,11 +46,13 @@ def materialize(settings: Settings, days: int) -> int:
         wait_for,
     )
     from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
+    from ml_platform.sensors import pending_refresh
     from ml_platform.settings import PROJECT_DIR, child_environment
 
     if not settings.is_local:
         print("materialize runs the local deployment only", file=sys.stderr)
         return 2
+    SUCCESS = dg.DagsterRunStatus.SUCCESS
     instance = _instance(settings)
     window = [settings.training_cutoff + timedelta(days=i) for i in range(days)]
 
@@ -59,19 +61,20 @@ def materialize(settings: Settings, days: int) -> int:
     env = child_environment(settings)
     workspace = PROJECT_DIR / "workspace.yaml"
 
-    def run(log, jobs: list[tuple[str, str | None]]) -> None:
+    def run(log, jobs: list[tuple[str, str | None]]) -> list[str]:
         # The terminal gets progress and a summary; the daemon's and the runs' output go to
         # the log file, and every event is in the instance (`make dev`).
         run_ids = launch(jobs, workspace=workspace, location="ml_platform", env=env, log=log)
         for run_id, (job, _) in zip(run_ids, jobs, strict=True):
             ended = wait_for(instance, run_id)
-            if ended.status is not dg.DagsterRunStatus.SUCCESS:
+            if ended.status is not SUCCESS:
                 for later in run_ids[run_ids.index(run_id) + 1 :]:  # nothing after a failure
                     queued = instance.get_run_by_id(later)
                     if queued is not None and queued.status is dg.DagsterRunStatus.QUEUED:
                         instance.report_run_canceled(queued, f"{job} failed before it")
                 log.write(failure_details(instance, run_id))
                 raise SystemExit(failure_summary(job, instance, ended, log_path))
+        return run_ids
 
     for abandoned in cancel_abandoned(instance):
         print(f"canceled run {abandoned.run_id} ({abandoned.job_name}) of a killed materialize")
@@ -81,9 +84,13 @@ def materialize(settings: Settings, days: int) -> int:
                 print("1/3 ingest, dbt features, flight_delay_model", flush=True)
                 run(log, [("train_flight_delay_model", None)])
                 print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
-                run(log, [("score_flights", day.isoformat()) for day in window])
+                scored = run(log, [("score_flights", day.isoformat()) for day in window])
                 print("3/3 dbt reporting models", flush=True)
-                run(log, [("refresh_reporting", None)])
+                # A refresh the completion sensor requested after the last day ended counts.
+                last = instance.get_run_record_by_id(scored[-1]).end_time
+                covering = pending_refresh(instance, datetime.fromtimestamp(last, UTC))
+                if covering is None or wait_for(instance, covering).status is not SUCCESS:
+                    run(log, [("refresh_reporting", None)])
         except LaunchError as error:
             raise SystemExit(f"ml-platform: {error}") from error
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cache
 from typing import NamedTuple
@@ -50,6 +50,9 @@ REPORTING_JOB = "refresh_reporting"
 # Any reporting model tells when the reporting was last refreshed: one dbt step builds them.
 REPORTING_MARKER = dg.AssetKey(["reporting", "daily_delay_report"])
 ASSET_OF_PIPELINE = {pipeline: asset for asset, pipeline in PIPELINE_OF_ASSET.items()}
+# Refreshes of the reporting that have not ended; those not started yet.
+_NOT_STARTED = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED)
+_PENDING = [*_NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 # A job whose Dagster run never finishes (a crashed run worker) is not waited for forever.
 MAX_PENDING_SECONDS = 24 * 3600
 # Remembered a little past the lookback (see Cursor.forget_before).
@@ -130,9 +133,29 @@ def _dagster_run_finished(instance: dg.DagsterInstance, run_id: str) -> bool:
     return run is None or run.is_finished
 
 
-def _reporting_refreshed_after(instance: dg.DagsterInstance, moment: datetime) -> bool:
+def pending_refresh(instance: dg.DagsterInstance, moment: datetime) -> str | None:
+    """A refresh of the reporting that will read what was there at ``moment`` (queued, or
+    started since), if one is pending: its run id."""
+    pending = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=REPORTING_JOB, statuses=_PENDING), limit=20
+    )
+    return next(
+        (
+            record.dagster_run.run_id
+            for record in pending
+            if record.dagster_run.status in _NOT_STARTED
+            or (record.start_time or 0) > moment.timestamp()
+        ),
+        None,
+    )
+
+
+def reporting_covers(instance: dg.DagsterInstance, moment: datetime) -> bool:
+    """Whether the reporting was refreshed after ``moment``, or a refresh that will be is
+    pending (the days of a backfill, or of `make run`, then need one refresh, not one each)."""
     event = instance.get_latest_materialization_event(REPORTING_MARKER)
-    return event is not None and event.timestamp > moment.timestamp()
+    refreshed = event is not None and event.timestamp > moment.timestamp()
+    return refreshed or pending_refresh(instance, moment) is not None
 
 
 def _reporting_request(job: PipelineJob, partition: str | None) -> dg.RunRequest:
@@ -222,8 +245,8 @@ def predicted(
     if run_id:
         if not _dagster_run_finished(context.instance, run_id):
             return WAITING
-        if _reporting_refreshed_after(context.instance, job.end_time):
-            context.log.info(f"{job.job_id}: reporting already refreshed after it ended")
+        if reporting_covers(context.instance, job.end_time):
+            context.log.info(f"{job.job_id}: the reporting was or will be refreshed after it")
             return NOTHING
     elif partition in _partition_keys():
         metadata = predictions_metadata(runner.get(job.job_id) or job)
@@ -292,6 +315,9 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
                 context.log.warning(f"{job.job_id}: its Dagster run never finished; refreshing")
                 partition = job.parameters.get("flight_date")
                 outcome = Outcome(run_requests=(_reporting_request(job, partition),))
+            if run_requests and _started_by(job):
+                # A job of a Dagster run: the refresh this tick already requests starts after it.
+                outcome = replace(outcome, run_requests=())
             cursor.mark_handled(job)
             run_requests += outcome.run_requests
             asset_events += outcome.asset_events
