@@ -38,13 +38,7 @@ def materialize(settings: Settings, days: int) -> int:
 
     from ml_platform.assets.model import MODEL_KEY
     from ml_platform.launch import PREDICTIONS_TABLE
-    from ml_platform.local_runs import (
-        LaunchError,
-        cancel_abandoned,
-        launch,
-        queue_daemon,
-        wait_for,
-    )
+    from ml_platform.local_runs import LaunchError, QueueDaemon, cancel_abandoned, launch, wait_for
     from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
     from ml_platform.sensors import pending_refresh
     from ml_platform.settings import PROJECT_DIR, child_environment
@@ -61,12 +55,12 @@ def materialize(settings: Settings, days: int) -> int:
     env = child_environment(settings)
     workspace = PROJECT_DIR / "workspace.yaml"
 
-    def run(log, jobs: list[tuple[str, str | None]]) -> list[str]:
+    def run(log, daemon, jobs: list[tuple[str, str | None]]) -> list[str]:
         # The terminal gets progress and a summary; the daemon's and the runs' output go to
         # the log file, and every event is in the instance (`make dev`).
         run_ids = launch(jobs, workspace=workspace, location="ml_platform", env=env, log=log)
         for run_id, (job, _) in zip(run_ids, jobs, strict=True):
-            ended = wait_for(instance, run_id)
+            ended = wait_for(instance, run_id, daemon=daemon)
             if ended.status is not SUCCESS:
                 for later in run_ids[run_ids.index(run_id) + 1 :]:  # nothing after a failure
                     queued = instance.get_run_by_id(later)
@@ -80,17 +74,21 @@ def materialize(settings: Settings, days: int) -> int:
         print(f"canceled run {abandoned.run_id} ({abandoned.job_name}) of a killed materialize")
     with log_path.open("w") as log:
         try:
-            with queue_daemon(instance, workspace=workspace, env=env, log=log):
+            with QueueDaemon(instance, workspace=workspace, env=env, log=log) as daemon:
                 print("1/3 ingest, dbt features, flight_delay_model", flush=True)
-                run(log, [("train_flight_delay_model", None)])
+                run(log, daemon, [("train_flight_delay_model", None)])
                 print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
-                scored = run(log, [("score_flights", day.isoformat()) for day in window])
+                days = [("score_flights", day.isoformat()) for day in window]
+                scored = run(log, daemon, days)
                 print("3/3 dbt reporting models", flush=True)
                 # A refresh the completion sensor requested after the last day ended counts.
                 last = instance.get_run_record_by_id(scored[-1]).end_time
                 covering = pending_refresh(instance, datetime.fromtimestamp(last, UTC))
-                if covering is None or wait_for(instance, covering).status is not SUCCESS:
-                    run(log, [("refresh_reporting", None)])
+                if (
+                    covering is None
+                    or wait_for(instance, covering, daemon=daemon).status is not SUCCESS
+                ):
+                    run(log, daemon, [("refresh_reporting", None)])
         except LaunchError as error:
             raise SystemExit(f"ml-platform: {error}") from error
 

@@ -5,7 +5,7 @@ them, and watched for run workers that died.
   the health check its run monitoring needs. A run whose worker is gone (killed, out of
   memory, a closed terminal) is failed within the monitoring interval, instead of staying
   STARTED and holding the queue's only slot for ever.
-- ``queue_daemon``, ``launch`` and ``wait_for``: how `ml-platform materialize` runs jobs. They
+- ``QueueDaemon``, ``launch`` and ``wait_for``: how `ml-platform materialize` runs jobs. They
   are submitted through the instance's queue, so they carry the code location's origin and
   show under their jobs in the UI, and a daemon executes them: `make dev`'s if one runs, else
   one of the command's own, for as long as the command lives.
@@ -14,13 +14,14 @@ them, and watched for run workers that died.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -159,46 +160,79 @@ def _end_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-@contextmanager
-def queue_daemon(
-    instance: dg.DagsterInstance,
-    *,
-    workspace: Path,
-    env: Mapping[str, str],
-    log: IO[str],
-) -> Iterator[None]:
-    """A daemon executing the instance's queue for the duration of the block: the one that
-    already serves it (`make dev`'s), else one started here and stopped at the end."""
-    home = Path(env["DAGSTER_HOME"])
-    if _daemon_serves(home):
-        yield
-        return
-    started = time.time()
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
-        cwd=workspace.parent,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_end_with_parent,
-    )
-    try:
-        deadline = time.monotonic() + DAEMON_START_SECONDS
-        while not _daemon_started(instance, since=started):
-            if daemon.poll() is not None:
-                raise LaunchError(f"the Dagster daemon exited at once; see {log.name}")
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the Dagster daemon did not start; see {log.name}")
-            time.sleep(0.5)
-        yield
-    finally:
-        daemon.terminate()
+class QueueDaemon:
+    """A daemon executing the instance's queue while a command waits for its runs: the one
+    that already serves it (`make dev`'s, another `make run`'s), else one of the command's
+    own, which dies with it. ``ensure`` starts one again if the daemon relied on has stopped
+    meanwhile (the other command ended), so no queued run is stranded."""
+
+    def __init__(
+        self, instance: dg.DagsterInstance, *, workspace: Path, env: Mapping[str, str], log: IO[str]
+    ) -> None:
+        self.instance = instance
+        self.workspace = workspace
+        self.env = dict(env)
+        self.home = Path(env["DAGSTER_HOME"])
+        self.log = log
+        self._own: subprocess.Popen | None = None
+        self._lock: int | None = None
+
+    def __enter__(self) -> QueueDaemon:
+        self.ensure()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def ensure(self) -> None:
+        if self._own is not None and self._own.poll() is None:
+            return
+        self.stop()
+        if _daemon_serves(self.home):
+            return
+        # One command at a time starts a daemon (two at once would run two: not supported);
+        # it holds this lock for as long as its daemon runs.
+        lock = os.open(self.home / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another command's daemon is starting: it will serve
+            os.close(lock)
+            return
+        self._lock = lock
+        self._start()
+
+    def _start(self) -> None:
+        started = time.time()
+        self._own = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(self.workspace)],
+            cwd=self.workspace.parent,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_end_with_parent,
+        )
+        deadline = time.monotonic() + DAEMON_START_SECONDS
+        while not _daemon_started(self.instance, since=started):
+            if self._own.poll() is not None:
+                raise LaunchError(f"the Dagster daemon exited at once; see {self.log.name}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"the Dagster daemon did not start; see {self.log.name}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._own is not None:
+            self._own.terminate()
+            try:
+                self._own.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._own.kill()
+                self._own.wait()
+            self._own = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases it
+            self._lock = None
 
 
 def launch(
@@ -258,10 +292,21 @@ def launch(
     return run_ids
 
 
-def wait_for(instance: dg.DagsterInstance, run_id: str, *, interval: float = 0.5) -> dg.DagsterRun:
-    """The run, once it has ended (succeeded, failed or canceled)."""
+def wait_for(
+    instance: dg.DagsterInstance,
+    run_id: str,
+    *,
+    daemon: QueueDaemon | None = None,
+    interval: float = 0.5,
+) -> dg.DagsterRun:
+    """The run, once it has ended (succeeded, failed or canceled); meanwhile ``daemon`` is
+    kept serving the queue."""
+    checked = time.monotonic()
     while True:
         run = instance.get_run_by_id(run_id)
         if run is not None and run.status in FINISHED:
             return run
+        if daemon is not None and time.monotonic() - checked > 5:
+            daemon.ensure()
+            checked = time.monotonic()
         time.sleep(interval)

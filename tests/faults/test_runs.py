@@ -17,9 +17,9 @@ import pytest
 
 from ml_platform.local_runs import (
     SUBMITTER_TAG,
+    QueueDaemon,
     RunWorker,
     launch,
-    queue_daemon,
     run_worker,
     wait_for,
 )
@@ -103,7 +103,7 @@ def test_a_killed_run_worker_is_failed_by_run_monitoring_and_the_queue_moves_on(
     log_path = place.settings.data_dir / "daemon.log"
     with (
         log_path.open("w") as log,
-        queue_daemon(place.instance, workspace=WORKSPACE, env=place.env, log=log),
+        QueueDaemon(place.instance, workspace=WORKSPACE, env=place.env, log=log),
     ):
         first, second = launch(
             [("score_flights", "2013-10-02"), ("score_flights", "2013-10-03")],
@@ -246,3 +246,14 @@ def test_a_run_worker_that_is_gone_is_found_by_its_pid(tmp_path: Path):
         finally:
             newer.kill()
             newer.wait()
+
+
+def test_two_materializations_at_once_both_finish(place: Place):
+    """Two `make run`s at once, one instance: one daemon serves both (two would not be
+    supported), and the one that stops its daemon first does not strand the other's runs."""
+    commands = [place.materialize(1), place.materialize(1)]
+    outputs = [command.communicate(timeout=900)[0] for command in commands]
+    assert [command.returncode for command in commands] == [0, 0], [o[-2000:] for o in outputs]
+    assert place.runs(dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED) == []
+    assert place.duplicates() == []
+    assert not any("Conflicting lock" in output for output in outputs)
