@@ -10,5 +10,6 @@ for script in (
     "p2_materialize.py",
     "p3_sensor_tick.py",
     "p4_vertex_polling.py",
+    "p5_dbt_parse.py",
 ):
     subprocess.run([sys.executable, str(here / script)], check=True, cwd=here)
