@@ -13,6 +13,7 @@ import dagster as dg
 
 from ml_platform.resources.alerts import Alerts, LogAlerts
 from ml_platform.resources.alerts.slack import SlackAlerts
+from ml_platform.sensors import automation_defaults
 from ml_platform.settings import Deployment, Settings
 
 RUN_FAILURE_SENSOR = "slack_on_run_failure"
@@ -26,9 +27,9 @@ _ASSET_JOB_PREFIX = "__ASSET_JOB"
 
 def build_alerting(settings: Settings) -> tuple[list[dg.SensorDefinition], Alerts]:
     """The run-failure sensor (none without a Slack token) and the ``Alerts`` everyone uses."""
-    if not settings.slack_token:
+    if settings.alert_channel is None:
         return [], LogAlerts()
-    slack = SlackAlerts(settings.slack_token, settings.slack_channel)
+    slack = SlackAlerts(settings.slack_token, settings.alert_channel)
     return [build_run_failure_sensor(settings, slack)], slack
 
 
@@ -45,12 +46,13 @@ def build_run_failure_sensor(settings: Settings, slack: SlackAlerts) -> dg.Senso
         name=RUN_FAILURE_SENSOR,
         # No monitored_jobs: every job of this code location, including the runs the UI
         # launches for a selection of assets and the runs sensors request.
-        # Running by default: configuring a token is the opt-in; a stopped alerting sensor
-        # would fail silently. On its first tick a run-failure sensor starts from the latest
-        # failure, so turning it on does not replay old failures.
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Posts every failed run of this code location to Slack "
-        f"({settings.slack_channel}).",
+        # Running by default (but in branch deployments): configuring a token is the opt-in;
+        # a stopped alerting sensor would fail silently. On its first tick a run-failure
+        # sensor starts from the latest failure, so turning it on replays no old failure.
+        **automation_defaults(
+            settings,
+            f"Posts every failed run of this code location to Slack ({settings.alert_channel}).",
+        ),
     )
     def slack_on_run_failure(context: dg.RunFailureSensorContext) -> None:
         title, text, links = run_failure_alert(

@@ -47,6 +47,7 @@ _freeze()
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
+    settings.check_code_location()
     ingest = build_ingest_assets(settings)
     dbt_features, dbt_reporting = build_dbt_assets(settings)
     model = build_model_asset(settings)

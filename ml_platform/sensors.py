@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dagster as dg
 
@@ -257,6 +257,19 @@ def predicted(
     return Outcome(run_requests=(_reporting_request(job, partition),), asset_events=events)
 
 
+def automation_defaults(settings: Settings, description: str) -> dict[str, Any]:
+    """A sensor's default status and description in this deployment: running locally and in
+    prod; in a branch deployment stopped, and saying how to start it."""
+    if settings.automation_runs_by_default:
+        return {"default_status": dg.DefaultSensorStatus.RUNNING, "description": description}
+    return {
+        "default_status": dg.DefaultSensorStatus.STOPPED,
+        "description": f"{description} Stopped in branch deployments (every open pull request "
+        "would poll and alert): start it on this deployment's Automation page to try it on the "
+        "pull request's own jobs.",
+    }
+
+
 def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
     lookback = float(settings.sensor_lookback_seconds)
 
@@ -264,9 +277,11 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
         name=SENSOR_NAME,
         job_name=REPORTING_JOB,
         minimum_interval_seconds=settings.sensor_interval_seconds,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Ended pipeline jobs of this deployment, whoever started them: a succeeded "
-        "prediction job refreshes the reporting once; failures are reported.",
+        **automation_defaults(
+            settings,
+            "Ended pipeline jobs of this deployment, whoever started them: a succeeded "
+            "prediction job refreshes the reporting once; failures are reported.",
+        ),
     )
     def pipeline_job_completion(
         context: dg.SensorEvaluationContext,

@@ -132,9 +132,11 @@ class Settings:
     # (ML_PLATFORM_GCP_CREDENTIAL_CONFIG; on ECS, from the AWS task role), no key involved.
     gcp_credential_config: str | None = field(default=None, repr=False)
     ecs_task_role: EcsTaskRole = field(default_factory=EcsTaskRole)
-    # Alerts: posted to Slack when a token is configured, else only logged.
+    # Alerts: posted to Slack when a token is configured, else only logged. A branch
+    # deployment posts to its own channel, if one is named, never to prod's.
     slack_token: str | None = field(default=None, repr=False)
     slack_channel: str = "#ml-platform-alerts"
+    slack_branch_channel: str | None = None
     # Where people open the Dagster UI (links in alerts): `dagster dev` locally; on
     # Dagster+ the organisation's URL and the deployment (None: alerts carry no link).
     dagster_ui_url: str | None = "http://127.0.0.1:3000"
@@ -306,6 +308,44 @@ class Settings:
                 dbt_vars["bigquery_api_endpoint"] = self.bigquery_api_endpoint
         return dbt_vars
 
+    @property
+    def alert_channel(self) -> str | None:
+        """The Slack channel alerts go to (None: the log only): a branch deployment's own,
+        never prod's, which its pull request's failures would flood."""
+        if not self.slack_token:
+            return None
+        return (
+            self.slack_branch_channel
+            if self.deployment is Deployment.BRANCH
+            else self.slack_channel
+        )
+
+    @property
+    def automation_runs_by_default(self) -> bool:
+        """Sensors start on their own locally and in prod; in a branch deployment they exist,
+        stopped: each open pull request would poll Vertex AI and alert for its own tests."""
+        return self.deployment is not Deployment.BRANCH
+
+    def check_code_location(self) -> None:
+        """What the code location of a Google Cloud deployment needs, checked when it loads
+        (so a deploy fails, not the first run): the commands that only publish templates or
+        clean up after a pull request do without."""
+        if self.is_local:
+            return
+        missing = [
+            name
+            for name, value in (
+                ("ML_PLATFORM_VERTEX_SERVICE_ACCOUNT", self.vertex_service_account),
+                ("ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY", self.artifact_registry_repository),
+            )
+            if not value
+        ]
+        if missing:
+            raise SettingsError(
+                f"the {self.deployment} code location needs {', '.join(missing)} (without a "
+                "service account, Vertex AI runs pipelines as the project's default one)"
+            )
+
     def for_pull_request(self, pull_request_id: str) -> Settings:
         """The settings of the branch deployment of a pull request (for cleaning up after
         it from CI, where the environment describes another deployment)."""
@@ -320,6 +360,14 @@ class Settings:
         prod_name = env.get("ML_PLATFORM_PROD_DEPLOYMENT", "prod")
         if env.get("DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT", "").lower() in ("1", "true"):
             deployment = Deployment.BRANCH
+        elif not deployment_name and _on_ecs(env):
+            # Fail closed: a task of the agent without Dagster+'s variables must not quietly
+            # run as the local deployment (DuckDB in the container, nothing on BigQuery).
+            raise SettingsError(
+                "running in an ECS task without DAGSTER_CLOUD_DEPLOYMENT_NAME (nor "
+                "DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT): refusing to run as the local deployment; "
+                "Dagster+'s agent sets them in the tasks it starts"
+            )
         elif not deployment_name:
             deployment = Deployment.LOCAL
         elif deployment_name == prod_name:
@@ -344,6 +392,7 @@ class Settings:
             "component_image": env.get("ML_PLATFORM_COMPONENT_IMAGE"),
             "slack_token": env.get("ML_PLATFORM_SLACK_TOKEN"),
             "slack_channel": env.get("ML_PLATFORM_SLACK_CHANNEL"),
+            "slack_branch_channel": env.get("ML_PLATFORM_SLACK_BRANCH_CHANNEL"),
             "dagster_home": Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             "git_sha": env.get("DAGSTER_CLOUD_GIT_SHA"),
             "gcp_credential_config": _credential_config(env),
@@ -378,6 +427,11 @@ class Settings:
                 region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
             ),
         )
+
+
+def _on_ecs(env: Mapping[str, str]) -> bool:
+    """An ECS task: ECS sets its task metadata endpoint in every container it starts."""
+    return bool(env.get("ECS_CONTAINER_METADATA_URI_V4") or env.get("ECS_CONTAINER_METADATA_URI"))
 
 
 def _dagster_ui_url(

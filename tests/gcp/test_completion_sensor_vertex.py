@@ -59,6 +59,7 @@ from tests.gcp.fake_vertex import FakeClock, FakeVertex, RecordedRequest
 
 PROJECT = "acme-ml"
 REGION = "us-central1"
+VERTEX_SERVICE_ACCOUNT = "vertex-pipelines@acme-ml.iam.gserviceaccount.com"
 BUCKET = "acme-ml-pipelines"
 REPOSITORY = "pipeline-templates"
 PR, OTHER_PR = "1187", "1190"
@@ -147,6 +148,7 @@ def branch_settings(vertex: FakeVertex, tmp: Path, **env: str) -> Settings:
             "ML_PLATFORM_GCP_REGION": REGION,
             "ML_PLATFORM_GCS_BUCKET": BUCKET,
             "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": REPOSITORY,
+            "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": VERTEX_SERVICE_ACCOUNT,
             "ML_PLATFORM_TEMPLATE_TAG": TAG,
             "ML_PLATFORM_VERTEX_API_ENDPOINT": vertex.url,
             "ML_PLATFORM_DATA_DIR": str(tmp / "data"),

@@ -76,6 +76,7 @@ __all__ = ["bq_emulator"]  # the session fixture, imported for pytest
 
 REGION = "us-central1"
 PR = "1187"
+VERTEX_SERVICE_ACCOUNT = "vertex-pipelines@acme-ml.iam.gserviceaccount.com"
 BUCKET = "acme-ml-pipelines"
 REPOSITORY = "pipeline-templates"
 TAG = f"pr-{PR}"  # the tag CD publishes the branch's templates under
@@ -391,6 +392,7 @@ def platform(
                 "ML_PLATFORM_BIGQUERY_LOCATION": LOCATION,
                 "ML_PLATFORM_GCS_BUCKET": BUCKET,
                 "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": REPOSITORY,
+                "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": VERTEX_SERVICE_ACCOUNT,
                 "ML_PLATFORM_TEMPLATE_TAG": TAG,
                 "ML_PLATFORM_COMPONENT_IMAGE": BRANCH_IMAGE,
                 "ML_PLATFORM_VERTEX_API_ENDPOINT": vertex.url,

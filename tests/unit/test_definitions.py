@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 
 from ml_platform.definitions import build_definitions
+from ml_platform.settings import Settings
 
 # Top-level packages, plus any Google Cloud SDK (the bare `google.cloud` namespace package,
 # which some dependency touches, costs nothing).
@@ -59,6 +60,7 @@ BRANCH = {
     "ML_PLATFORM_GCP_PROJECT": "acme-ml",
     "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
     "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
+    "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "vertex-pipelines@acme-ml.iam.gserviceaccount.com",
 }
 
 
@@ -110,3 +112,33 @@ def test_importing_the_code_location_loads_no_heavy_library(deployment: str):
     assert heavy == []
     # What the import built is frozen, out of the garbage collector's way (see P1).
     assert frozen > 100_000 and tracked < 1_000
+
+
+def test_a_branch_deployment_has_its_automation_stopped_and_its_alerts_apart(monkeypatch):
+    from ml_platform.alerting import RUN_FAILURE_SENSOR
+    from ml_platform.resources.alerts import LogAlerts
+    from ml_platform.resources.alerts.slack import SlackAlerts
+    from ml_platform.sensors import SENSOR_NAME
+
+    slack = {"ML_PLATFORM_SLACK_TOKEN": "xoxb-1", "ML_PLATFORM_SLACK_CHANNEL": "#prod-alerts"}
+    prod_env = {k: v for k, v in BRANCH.items() if "BRANCH" not in k and "PULL" not in k}
+    prod = build_definitions(
+        Settings.from_env({**prod_env, "DAGSTER_CLOUD_DEPLOYMENT_NAME": "prod", **slack})
+    )
+    for name in (SENSOR_NAME, RUN_FAILURE_SENSOR):
+        assert prod.resolve_sensor_def(name).default_status is dg.DefaultSensorStatus.RUNNING
+    assert prod.resources["alerts"].channel == "#prod-alerts"
+
+    # A branch never posts to prod's channel: the log only, unless it names its own.
+    branch = build_definitions(Settings.from_env({**BRANCH, **slack}))
+    completion = branch.resolve_sensor_def(SENSOR_NAME)
+    assert completion.default_status is dg.DefaultSensorStatus.STOPPED
+    assert "Stopped in branch deployments" in completion.description
+    assert isinstance(branch.resources["alerts"], LogAlerts)
+    assert RUN_FAILURE_SENSOR not in {s.name for s in branch.sensors}
+    own = {**BRANCH, **slack, "ML_PLATFORM_SLACK_BRANCH_CHANNEL": "#pr-alerts"}
+    branch = build_definitions(Settings.from_env(own))
+    assert isinstance(branch.resources["alerts"], SlackAlerts)
+    assert branch.resources["alerts"].channel == "#pr-alerts"
+    failure = branch.resolve_sensor_def(RUN_FAILURE_SENSOR)
+    assert failure.default_status is dg.DefaultSensorStatus.STOPPED

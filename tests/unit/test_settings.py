@@ -195,3 +195,28 @@ def test_google_credential_configuration_and_the_ecs_task_role():
     for bad in ("{oops", '{"type": "service_account"}'):
         with pytest.raises(SettingsError, match="ML_PLATFORM_GCP_CREDENTIAL_CONFIG"):
             branch(ML_PLATFORM_GCP_CREDENTIAL_CONFIG=bad)
+
+
+@pytest.mark.parametrize(
+    "variable", ["ECS_CONTAINER_METADATA_URI_V4", "ECS_CONTAINER_METADATA_URI"]
+)
+def test_an_ecs_task_without_dagster_cloud_variables_refuses_to_run_as_local(variable: str):
+    # What a run task would look like if the agent ever failed to pass Dagster+'s variables.
+    with pytest.raises(SettingsError, match="refusing to run as the local deployment"):
+        Settings.from_env({variable: "http://169.254.170.2/v4/abc", **GCP})
+    # With them, it is the deployment they name.
+    ecs = {variable: "http://169.254.170.2/v4/abc", "DAGSTER_CLOUD_DEPLOYMENT_NAME": "prod"}
+    assert Settings.from_env({**ecs, **GCP}).deployment is Deployment.PROD
+
+
+def test_a_cloud_code_location_needs_the_pipelines_service_account_when_it_loads():
+    with pytest.raises(SettingsError, match="ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"):
+        prod().check_code_location()
+    # Commands that only publish templates or clean up do without: the settings load.
+    assert prod().vertex_service_account is None
+    complete = {
+        "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "vertex-pipelines@acme-ml.iam.gserviceaccount.com",
+        "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
+    }
+    branch(**complete).check_code_location()
+    Settings.from_env({}).check_code_location()  # local needs neither
