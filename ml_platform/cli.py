@@ -287,16 +287,23 @@ def list_command(settings: Settings, args) -> int:
 
 
 def cleanup_command(settings: Settings, args) -> int:
-    """Drop what a pull request's branch deployment wrote: its BigQuery datasets and its
-    GCS prefix. The names come from Settings, whose guard never yields a prod dataset."""
+    """Drop what a pull request's branch deployment wrote: its pipeline jobs still running
+    are cancelled first (they would write on), then its BigQuery datasets and its GCS prefix
+    go. The names come from Settings, whose guard never yields a prod dataset."""
     from ml_platform.resources.artifacts import GcsArtifactStore
     from ml_platform.resources.backends import build_resources
     from ml_platform.resources.gcp_credentials import google_credentials
+    from ml_platform.resources.pipeline_runs import JobState
 
     if settings.is_local:
         raise SystemExit("branch cleanup needs the Google Cloud settings (see README)")
     branch = settings.for_pull_request(args.pull_request)
-    warehouse = build_resources(branch)["warehouse"]
+    resources = build_resources(branch)
+    runner, warehouse = resources["pipeline_runner"], resources["warehouse"]
+    running = [JobState.QUEUED, JobState.PENDING, JobState.RUNNING]
+    for job in list(runner.list_jobs(labels=branch.labels, states=running)):
+        runner.cancel(job.job_id)  # labels: this deployment and pull request only
+        print(f"pipeline job {job.job_id}: cancelled")
     for dataset in branch.datasets.values():
         dropped = warehouse.drop_dataset(dataset)
         print(f"dataset {dataset}: {'dropped' if dropped else 'not found'}")

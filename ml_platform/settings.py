@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, timedelta
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
@@ -137,6 +137,8 @@ class Settings:
     slack_token: str | None = field(default=None, repr=False)
     slack_channel: str = "#ml-platform-alerts"
     slack_branch_channel: str | None = None
+    # A pull request's BigQuery tables expire this many days after they were last written.
+    branch_data_days: int = 14
     # Where people open the Dagster UI (links in alerts): `dagster dev` locally; on
     # Dagster+ the organisation's URL and the deployment (None: alerts carry no link).
     dagster_ui_url: str | None = "http://127.0.0.1:3000"
@@ -326,6 +328,14 @@ class Settings:
         stopped: each open pull request would poll Vertex AI and alert for its own tests."""
         return self.deployment is not Deployment.BRANCH
 
+    @property
+    def table_expiration(self) -> timedelta | None:
+        """How long a branch deployment's tables live after they were last written: an
+        abandoned pull request's data goes away even if its cleanup never ran."""
+        if self.deployment is Deployment.BRANCH:
+            return timedelta(days=self.branch_data_days)
+        return None
+
     def check_code_location(self) -> None:
         """What the code location of a Google Cloud deployment needs, checked when it loads
         (so a deploy fails, not the first run): the commands that only publish templates or
@@ -407,6 +417,7 @@ class Settings:
             for name, variable in (
                 ("sensor_interval_seconds", "ML_PLATFORM_SENSOR_INTERVAL_SECONDS"),
                 ("sensor_lookback_seconds", "ML_PLATFORM_SENSOR_LOOKBACK_SECONDS"),
+                ("branch_data_days", "ML_PLATFORM_BRANCH_DATA_DAYS"),
             )
             if env.get(variable)
         }

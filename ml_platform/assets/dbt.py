@@ -175,6 +175,9 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             if prepared.exists():
                 (DBT_PROJECT.project_dir / target_path).mkdir(parents=True)
                 shutil.copy(prepared, DBT_PROJECT.project_dir / target_path / PARTIAL_PARSE)
+            # Made by us first, so they carry the deployment's defaults (a pull request's
+            # tables expire), which the datasets dbt creates itself would not.
+            warehouse.ensure_datasets(settings.datasets.values())
             with warehouse.writer_turn(f"dbt build of {name}, Dagster run {context.run.run_id}"):
                 invocation = start_dbt(
                     dbt,

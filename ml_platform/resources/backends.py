@@ -85,6 +85,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             settings.bigquery_location,
             api_endpoint=settings.bigquery_api_endpoint,
             credentials=over_tls(settings.bigquery_api_endpoint),
+            table_expiration=settings.table_expiration,
         ),
         "templates": templates,
         "pipeline_runner": VertexPipelineRunner.from_settings(

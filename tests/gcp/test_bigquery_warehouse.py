@@ -102,6 +102,26 @@ def test_the_uri_reopens_the_same_warehouse(bq_emulator: Emulator, raw):
     assert (plain.project, plain.location, plain.api_endpoint) == (PROJECT, "EU", None)
 
 
+def test_a_pull_requests_datasets_make_tables_that_expire(bq_emulator: Emulator):
+    """A branch deployment's warehouse (and a component reopening it from its uri) creates
+    its datasets with a default table expiration, so an abandoned PR's data goes away."""
+    branch = BigQueryWarehouse(
+        PROJECT, LOCATION, api_endpoint=bq_emulator.endpoint, table_expiration=timedelta(days=14)
+    )
+    reopened = open_warehouse(branch.uri)
+    assert reopened.table_expiration == timedelta(days=14)
+    reopened.ensure_datasets(["wh_staging_pr_7"])
+    reopened.replace_table("wh_raw_pr_7", "airlines", pa.table({"carrier": ["AA"]}))
+    client = branch._client()
+    for dataset in ("wh_staging_pr_7", "wh_raw_pr_7"):
+        created = client.get_dataset(f"{PROJECT}.{dataset}")
+        assert created.default_table_expiration_ms == 14 * 24 * 3600 * 1000
+    # Prod's (no expiration) keep theirs for ever.
+    prod = BigQueryWarehouse(PROJECT, LOCATION, api_endpoint=bq_emulator.endpoint)
+    prod.ensure_datasets(["wh_staging_prod_like"])
+    assert client.get_dataset(f"{PROJECT}.wh_staging_prod_like").default_table_expiration_ms is None
+
+
 @pytest.mark.parametrize(
     "uri",
     [

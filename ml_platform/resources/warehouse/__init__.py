@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,11 @@ class Warehouse(ABC):
     def drop_dataset(self, dataset: str) -> bool:
         """Drop a dataset and everything in it; False if there was none (a closed pull
         request's datasets are dropped this way)."""
+
+    @abstractmethod
+    def ensure_datasets(self, datasets: Iterable[str]) -> None:
+        """Create the datasets that do not exist yet, with this warehouse's defaults (a pull
+        request's tables expire); called before dbt, which would create them without."""
 
     @abstractmethod
     def writer_turn(self, purpose: str) -> AbstractContextManager[None]:

@@ -33,7 +33,7 @@ import io
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
@@ -104,6 +104,7 @@ class BigQueryWarehouse(Warehouse):
         retry_deadline: float = 120.0,
         request_timeout: float = 60.0,
         job_timeout: float = 1800.0,
+        table_expiration: timedelta | None = None,
     ) -> None:
         if not project or not _PROJECT.fullmatch(project):
             raise WarehouseError(f"not a Google Cloud project id: {project!r}")
@@ -115,6 +116,9 @@ class BigQueryWarehouse(Warehouse):
         self.retry_deadline = retry_deadline
         self.request_timeout = request_timeout
         self.job_timeout = job_timeout
+        # A pull request's datasets: every table made in a dataset this warehouse creates
+        # expires this long after it was (re)written, so an abandoned PR's data goes away.
+        self.table_expiration = table_expiration
         self._credentials = credentials
         self._client_instance: bigquery.Client | None = None
 
@@ -125,6 +129,8 @@ class BigQueryWarehouse(Warehouse):
         query = {"location": self.location}
         if self.api_endpoint:
             query["api_endpoint"] = self.api_endpoint
+        if self.table_expiration is not None:
+            query["table_expiration_days"] = f"{self.table_expiration.total_seconds() / 86400:g}"
         return f"bigquery://{self.project}?{urlencode(query)}"
 
     @classmethod
@@ -134,7 +140,7 @@ class BigQueryWarehouse(Warehouse):
 
         parts = urlsplit(uri)
         query = parse_qs(parts.query, keep_blank_values=False)
-        unknown = set(query) - {"location", "api_endpoint"}
+        unknown = set(query) - {"location", "api_endpoint", "table_expiration_days"}
         if parts.scheme != "bigquery" or not parts.netloc or parts.path not in ("", "/"):
             raise WarehouseError(
                 f"not a BigQuery warehouse uri: {uri!r} "
@@ -143,10 +149,14 @@ class BigQueryWarehouse(Warehouse):
         if unknown or "location" not in query:
             raise WarehouseError(
                 f"BigQuery warehouse uri {uri!r} needs location= and takes only "
-                f"location and api_endpoint (got {sorted(query)})"
+                f"location, api_endpoint and table_expiration_days (got {sorted(query)})"
             )
         endpoint = query.get("api_endpoint", [None])[0]
-        return cls(parts.netloc, query["location"][0], api_endpoint=endpoint)
+        days = query.get("table_expiration_days", [None])[0]
+        expiration = timedelta(days=float(days)) if days else None
+        return cls(
+            parts.netloc, query["location"][0], api_endpoint=endpoint, table_expiration=expiration
+        )
 
     def __repr__(self) -> str:
         return f"BigQueryWarehouse({self.uri!r})"
@@ -272,6 +282,8 @@ class BigQueryWarehouse(Warehouse):
         except NotFound:
             new = bigquery.Dataset(dataset_id)
             new.location = self.location
+            if self.table_expiration is not None:
+                new.default_table_expiration_ms = int(self.table_expiration.total_seconds() * 1000)
             # exists_ok: another writer may create it between our get and our insert.
             existing = client.create_dataset(
                 new, exists_ok=True, retry=self._api_retry(), timeout=self.request_timeout
@@ -529,6 +541,12 @@ class BigQueryWarehouse(Warehouse):
         check_identifier(dataset, table)
         with self._errors(f"looking up {dataset}.{table}"):
             return self._get_table(dataset, table) is not None
+
+    def ensure_datasets(self, datasets: Iterable[str]) -> None:
+        for dataset in datasets:
+            check_identifier(dataset)
+            with self._errors(f"creating dataset {dataset}"):
+                self._ensure_dataset(dataset)
 
     @contextmanager
     def writer_turn(self, purpose: str) -> Iterator[None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -55,6 +55,12 @@ class DuckDBWarehouse(Warehouse):
                 yield connection
             finally:
                 connection.close()
+
+    def ensure_datasets(self, datasets: Iterable[str]) -> None:
+        check_identifier(*datasets)
+        with self.connect() as connection:
+            for dataset in datasets:
+                connection.execute(f"CREATE SCHEMA IF NOT EXISTS {dataset}")
 
     @contextmanager
     def writer_turn(self, purpose: str) -> Iterator[None]:
