@@ -7,6 +7,7 @@ The code server is started in a container and checked from the host over gRPC.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -57,10 +58,43 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The prod deployment, as the agent's task for the code server gets it (dagster_cloud.yaml's
+# container_context env vars; Dagster+ adds its own): the code location loads with the
+# Google Cloud backends, which call nothing when they are built.
+PROD = {
+    "DAGSTER_CLOUD_DEPLOYMENT_NAME": "prod",
+    "ML_PLATFORM_GCP_PROJECT": "acme-ml",
+    "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
+    "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipeline-templates",
+    "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "vertex-pipelines@acme-ml.iam.gserviceaccount.com",
+}
+
+
+def agent_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment dagster-cloud's ECS user code launcher gives a code server
+    task (EcsUserCodeLauncher: CodeLocationDeployData.get_grpc_server_command and
+    get_grpc_server_env), for this code location as dagster_cloud.yaml declares it."""
+    import yaml
+    from dagster_cloud.workspace.user_code_launcher.utils import get_grpc_server_env
+    from dagster_cloud_cli.core.workspace import CodeLocationDeployData
+
+    (location,) = yaml.safe_load((ROOT / "dagster_cloud.yaml").read_text())["locations"]
+    data = CodeLocationDeployData(
+        image=CODE_LOCATION, module_name=location["code_source"]["module_name"]
+    )
+    env = get_grpc_server_env(data, port, location["location_name"], instance_ref=None)
+    return data.get_grpc_server_command(), env
+
+
 @pytest.fixture(scope="module")
 def code_server(images) -> Iterator[tuple[str, int]]:
     name, port = f"mlp-test-{uuid.uuid4().hex[:8]}", free_port()
-    podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:4000", CODE_LOCATION)
+    command, env = agent_command(4000)
+    variables = [arg for key, value in {**env, **PROD}.items() for arg in ("-e", f"{key}={value}")]
+    podman(
+        "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:4000", *variables,
+        CODE_LOCATION, *command,
+    )  # fmt: skip
     try:
         from dagster._grpc.client import DagsterGrpcClient
 
@@ -112,10 +146,18 @@ def test_the_container_is_healthy_runs_as_a_user_and_never_parsed_dbt(code_serve
     health = podman("exec", name, "dagster", "api", "grpc-health-check", "-p", "4000")
     assert health.returncode == 0
     assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
-    # The manifest was built with the image: loading the code location parsed nothing.
+    # Started as the agent starts it (`dagster api grpc`), as the prod deployment, and the
+    # manifest was built with the image: loading the code location parsed nothing.
+    command = podman("inspect", "--format", "{{json .Config.Cmd}}", name).stdout
+    assert json.loads(command)[:3] == ["dagster", "api", "grpc"]
     logs = podman("logs", name).stdout + podman("logs", name).stderr
     assert "Started Dagster code server for module ml_platform.definitions" in logs
     assert "Running with dbt" not in logs
+    resolved = podman(
+        "exec", name, "python", "-c",
+        "from ml_platform.settings import get_settings; print(get_settings().deployment)",
+    )  # fmt: skip
+    assert resolved.stdout.strip() == "prod"
     manifest = podman("exec", name, "test", "-s", "/app/dbt_project/target/manifest.json")
     assert manifest.returncode == 0
 
