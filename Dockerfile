@@ -39,7 +39,9 @@ RUN uv sync --frozen --no-dev \
 # -- runtime: what both images share ------------------------------------------------------
 FROM base AS runtime
 # A user of its own: nothing in the image runs as root.
-RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
+RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app \
+    # DAGSTER_HOME must exist for a code server or run started without an instance ref.
+    && install -d -o 10001 -g 10001 /home/app/dagster_home
 WORKDIR /app
 COPY --from=build --chown=10001:10001 /app /app
 ENV PATH=/app/.venv/bin:$PATH \

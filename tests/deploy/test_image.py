@@ -8,6 +8,7 @@ The code server is started in a container and checked from the host over gRPC.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -74,15 +75,15 @@ def agent_command(port: int) -> tuple[list[str], dict[str, str]]:
     """The command and environment dagster-cloud's ECS user code launcher gives a code server
     task (EcsUserCodeLauncher: CodeLocationDeployData.get_grpc_server_command and
     get_grpc_server_env), for this code location as dagster_cloud.yaml declares it."""
-    import yaml
     from dagster_cloud.workspace.user_code_launcher.utils import get_grpc_server_env
     from dagster_cloud_cli.core.workspace import CodeLocationDeployData
 
-    (location,) = yaml.safe_load((ROOT / "dagster_cloud.yaml").read_text())["locations"]
-    data = CodeLocationDeployData(
-        image=CODE_LOCATION, module_name=location["code_source"]["module_name"]
-    )
-    env = get_grpc_server_env(data, port, location["location_name"], instance_ref=None)
+    # dagster_cloud.yaml is a template the deploy workflow renders: read the two plain keys.
+    text = (ROOT / "dagster_cloud.yaml").read_text()
+    location = re.search(r"location_name: (\S+)", text)[1]
+    module = re.search(r"module_name: (\S+)", text)[1]
+    data = CodeLocationDeployData(image=CODE_LOCATION, module_name=module)
+    env = get_grpc_server_env(data, port, location, instance_ref=None)
     return data.get_grpc_server_command(), env
 
 
