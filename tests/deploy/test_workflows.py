@@ -5,13 +5,18 @@
 - check-jsonschema validates every file against its vendored GitHub workflow schema.
 - Security: every job declares its permissions and writes only what it must; `id-token: write`
   exactly in the jobs that use OIDC, whose steps take no keys; the only secrets are the
-  Dagster+ API token and GITHUB_TOKEN; every action is pinned to a version tag or a commit.
+  Dagster+ API token and GITHUB_TOKEN; every job that reaches Dagster+ or a cloud runs in a
+  GitHub environment, `production` exactly for main and release tags and `branch-deployments`
+  for pull requests, whose variables render the branch agent's task role and credential secret
+  and the pull requests' repositories; every action is pinned by commit SHA with its tag in a
+  comment.
 - Behaviour, by simulating which jobs run for each event (their triggers and job-level `if:`s,
   evaluated): tests on every push and pull request, running exactly the README's test command;
   prod deploys on main; a branch deployment and its smoke run for a pull request (not from a
   fork); the branch data cleanup only when a pull request closes; templates on version tags.
-- Wiring: the deploy follows dagster-cloud-action's Hybrid sequence and hands the `ci`
-  commands a rendered dagster_cloud.yaml that gets every variable it reads; the smoke run's
+- Wiring: the deploy follows dagster-cloud-action's Hybrid sequence without the deprecated
+  `ci check`, and hands the `ci` commands a rendered dagster_cloud.yaml that gets every
+  variable it reads; the smoke run's
   job, assets and config are valid for the code location's own definitions; the steps that run
   `ml-platform` resolve, through Settings, to the deployment they act for; uv and the
   dagster-cloud action are the versions the Makefile and uv.lock pin.
@@ -43,33 +48,57 @@ WORKFLOW_PATHS = sorted([*WORKFLOWS_DIR.glob("*.yml"), *WORKFLOWS_DIR.glob("*.ya
 BIN = Path(sys.executable).parent
 
 # What the repository's settings provide (Settings > Secrets and variables > Actions); the
-# header of deploy.yml lists them.
+# header of deploy.yml lists them. Repository variables are the same for every job; a job that
+# references an environment sees that environment's variables over them (GitHub's precedence).
 SECRETS = {"DAGSTER_CLOUD_API_TOKEN", "GITHUB_TOKEN"}
-VARIABLE_VALUES = {
+PRODUCTION, BRANCH_DEPLOYMENTS = "production", "branch-deployments"
+REPOSITORY_VARIABLES = {
     "DAGSTER_CLOUD_ORGANIZATION": "acme",
-    "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/github-deploy",
     "AWS_REGION": "eu-west-1",
-    "ECR_REPOSITORY_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ml-platform",
-    "CODE_LOCATION_TASK_ROLE_ARN": "arn:aws:iam::123456789012:role/ml-platform-code-location",
-    "GCP_CREDENTIAL_CONFIG_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:x",
-    "SLACK_TOKEN_SECRET_ARN": "",
     "GCP_WORKLOAD_IDENTITY_PROVIDER": "projects/1/locations/global/workloadIdentityPools/gh/"
     "providers/gh",
-    "GCP_SERVICE_ACCOUNT": "ci@acme-ml.iam.gserviceaccount.com",
-    "COMPONENT_IMAGE_REPOSITORY": "europe-west4-docker.pkg.dev/acme-ml/images/components",
     "ML_PLATFORM_GCP_PROJECT": "acme-ml",
     "ML_PLATFORM_GCP_REGION": "europe-west4",
     "ML_PLATFORM_BIGQUERY_LOCATION": "EU",
     "ML_PLATFORM_GCS_BUCKET": "acme-ml-pipelines",
-    "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipelines",
-    "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "",
 }
+ENVIRONMENT_VARIABLES = {
+    PRODUCTION: {
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/ml-platform-github-deploy",
+        "ECR_REPOSITORY_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ml-platform",
+        "GCP_SERVICE_ACCOUNT": "ml-platform-ci@acme-ml.iam.gserviceaccount.com",
+        "CODE_LOCATION_TASK_ROLE_ARN": "arn:aws:iam::123456789012:role/agent-CodeLocationTaskRole",
+        "GCP_CREDENTIAL_CONFIG_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:"
+        "ml-platform/gcp-credential-config-AbCdEf",
+        "COMPONENT_IMAGE_REPOSITORY": "europe-west4-docker.pkg.dev/acme-ml/images/components",
+        "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipelines",
+        "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "ml-platform-pipelines@acme-ml.iam."
+        "gserviceaccount.com",
+        "SLACK_TOKEN_SECRET_ARN": "",
+        "ML_PLATFORM_SLACK_CHANNEL": "#ml-platform",
+    },
+    BRANCH_DEPLOYMENTS: {
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/ml-platform-github-pr",
+        "ECR_REPOSITORY_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ml-platform-branch",
+        "GCP_SERVICE_ACCOUNT": "ml-platform-ci-pr@acme-ml.iam.gserviceaccount.com",
+        "CODE_LOCATION_TASK_ROLE_ARN": "arn:aws:iam::123456789012:role/"
+        "agent-BranchCodeLocationTaskRole",
+        "GCP_CREDENTIAL_CONFIG_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:"
+        "ml-platform-branch/gcp-credential-config-GhIjKl",
+        "COMPONENT_IMAGE_REPOSITORY": "europe-west4-docker.pkg.dev/acme-ml/images-pr/components",
+        "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY": "pipelines-pr",
+        "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT": "ml-platform-pipelines-branch@acme-ml.iam."
+        "gserviceaccount.com",
+        "ML_PLATFORM_SLACK_BRANCH_CHANNEL": "#ml-platform-pr",
+    },
+}
+# Every variable name the workflows may read.
+VARIABLE_NAMES = set(REPOSITORY_VARIABLES).union(*map(set, ENVIRONMENT_VARIABLES.values()))
 PR_NUMBER = 7
 HEAD_SHA = "0123456789abcdef0123456789abcdef01234567"
 DIGEST = "sha256:" + "e" * 64
 # Stand-ins for the expressions that are not `github.*` (those are evaluated per event).
 STAND_INS = {
-    **{f"vars.{name}": value for name, value in VARIABLE_VALUES.items()},
     "secrets.DAGSTER_CLOUD_API_TOKEN": "agent:acme:0123",
     "github.token": "ghs_0123",
     "steps.components.outputs.digest": DIGEST,
@@ -88,8 +117,11 @@ LONG_LIVED_KEYS = re.compile(
     r"|credentials_json|GOOGLE_CREDENTIALS|_json_key|service_account_key",
     re.IGNORECASE,
 )
-VERSION_REF = re.compile(r"v\d+(\.\d+){0,2}(-pinned)?")
-SHA_REF = re.compile(r"[0-9a-f]{40}")
+# `uses: owner/repo[/path]@<commit SHA> # vX.Y.Z`, the tag the SHA was resolved from.
+PINNED_USES = re.compile(
+    r"^\s*(?:-\s+)?uses:\s+(?P<action>[\w.-]+/[\w.-]+(?:/[\w./-]+)?)@(?P<sha>[0-9a-f]{40})"
+    r"\s+#\s+(?P<tag>v\d+\.\d+\.\d+)\s*$"
+)
 
 
 # -- reading the workflows -------------------------------------------------------------------
@@ -274,11 +306,20 @@ class Expression:
         return value
 
 
-def resolve(text: str, github: dict[str, Any]) -> str:
-    """``text`` with each `${{ ... }}` replaced: stand-ins first, else evaluated."""
+def variables_of(environment: str | None) -> dict[str, str]:
+    """The `vars` context of a job in ``environment`` (None: a job without one)."""
+    return {**REPOSITORY_VARIABLES, **ENVIRONMENT_VARIABLES.get(environment or "", {})}
+
+
+def resolve(text: str, github: dict[str, Any], variables: dict[str, str] | None = None) -> str:
+    """``text`` with each `${{ ... }}` replaced: variables and stand-ins first, else evaluated.
+    An unset variable is '' (as in GitHub)."""
 
     def value(match: re.Match[str]) -> str:
         expression = match.group(1).strip()
+        if expression.startswith("vars."):
+            assert variables is not None, f"{expression} outside a job"
+            return variables.get(expression.removeprefix("vars."), "")
         if expression in STAND_INS:
             return STAND_INS[expression]
         result = Expression(expression, github).evaluate()
@@ -384,11 +425,22 @@ def job_with_role(role: str) -> tuple[str, dict[str, Any]]:
     return found
 
 
+def environment_of(job: dict[str, Any], github: dict[str, Any]) -> str | None:
+    """The GitHub environment a job runs in for an event (its name evaluated), or None."""
+    environment = job.get("environment")
+    if environment is None:
+        return None
+    name = environment["name"] if isinstance(environment, dict) else environment
+    return resolve(str(name), github, {})
+
+
 def step_env(role: str, step: dict[str, Any], github: dict[str, Any]) -> dict[str, str]:
-    """A step's environment (workflow, job and step `env:`), its expressions resolved."""
+    """A step's environment (workflow, job and step `env:`), its expressions resolved with the
+    variables of the job's environment for this event."""
     name, job = job_with_role(role)
+    variables = variables_of(environment_of(job, github))
     env = {**WORKFLOWS[name].get("env", {}), **job.get("env", {}), **step.get("env", {})}
-    return {key: resolve(str(value), github) for key, value in env.items()}
+    return {key: resolve(str(value), github, variables) for key, value in env.items()}
 
 
 def step_named(role: str, name: str) -> dict[str, Any]:
@@ -498,38 +550,146 @@ def test_cloud_credentials_come_from_oidc_only():
                 assert "credentials_json" not in inputs, f"{name}:{job_id}"
 
 
+def reaches_outside(job: dict[str, Any]) -> bool:
+    """Whether a job holds a credential of Dagster+ or a cloud: an OIDC action, or a secret
+    other than the job's own GITHUB_TOKEN."""
+    text = yaml.safe_dump(job)
+    secrets = set(re.findall(r"\bsecrets\.(\w+)", text)) - {"GITHUB_TOKEN"}
+    return bool(secrets) or any(uses_action(job, action) for action in OIDC_ACTIONS)
+
+
+def test_every_job_with_a_credential_runs_in_a_github_environment():
+    """Secrets and the OIDC subject come from the job's environment: a job without one would
+    get repository-level values, which any pull request's copy of the workflow can read."""
+    for name, job_id, job in all_jobs():
+        if reaches_outside(job):
+            assert job.get("environment"), f"{name}:{job_id} has a credential but no environment"
+        else:
+            assert not job.get("environment"), f"{name}:{job_id} needs no environment"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_only_main_and_releases_run_in_production(scenario: str):
+    """`production` (prod's token, roles, task role and repositories) for a push to main or a
+    release tag, and for nothing else; every pull request job that holds a credential runs in
+    `branch-deployments`. The environment's own deployment branch policy (main and v* only,
+    deploy/gcp/README.md step 6) refuses `production` to a pull request that edits this."""
+    github, _ = SCENARIOS[scenario]
+    prod_ref = github["event_name"] == "push" and (
+        github["ref"] == "refs/heads/main" or github["ref"].startswith("refs/tags/v")
+    )
+    for workflow in WORKFLOWS.values():
+        for job_id in jobs_that_run(workflow, github):
+            job = workflow["jobs"][job_id]
+            environment = environment_of(job, github)
+            if not reaches_outside(job):
+                assert environment is None, job_id
+            elif prod_ref:
+                assert environment == PRODUCTION, job_id
+            else:
+                assert github["event_name"] == "pull_request"
+                assert environment == BRANCH_DEPLOYMENTS, job_id
+
+
+def test_each_environment_holds_its_own_sides_identities():
+    """The names whose values differ between prod and pull requests are environment
+    variables, set in both environments (and not at repository level, which a job without an
+    environment would read); the workflows read every one of them."""
+    per_side = {
+        "AWS_ROLE_ARN",
+        "ECR_REPOSITORY_URI",
+        "GCP_SERVICE_ACCOUNT",
+        "CODE_LOCATION_TASK_ROLE_ARN",
+        "GCP_CREDENTIAL_CONFIG_SECRET_ARN",
+        "COMPONENT_IMAGE_REPOSITORY",
+        "ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY",
+        "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT",
+    }
+    assert not per_side & set(REPOSITORY_VARIABLES)
+    prod, branch = ENVIRONMENT_VARIABLES[PRODUCTION], ENVIRONMENT_VARIABLES[BRANCH_DEPLOYMENTS]
+    for name in per_side:
+        assert prod[name] and branch[name] and prod[name] != branch[name], name
+    read = {
+        name for path in WORKFLOW_PATHS for name in re.findall(r"\bvars\.(\w+)", path.read_text())
+    }
+    assert per_side <= read
+    # Branch alerts never reach prod's Slack channel.
+    assert not branch.get("SLACK_TOKEN_SECRET_ARN")
+    assert not branch.get("ML_PLATFORM_SLACK_CHANNEL")
+    readme = (ROOT / "deploy" / "gcp" / "README.md").read_text()
+    for name in per_side | {"DAGSTER_CLOUD_API_TOKEN", "ML_PLATFORM_SLACK_BRANCH_CHANNEL"}:
+        assert re.search(rf"^\| `{name}` \|", readme, re.M), f"deploy/gcp/README.md: {name}"
+
+
 @pytest.mark.parametrize("path", WORKFLOW_PATHS, ids=lambda path: path.name)
 def test_no_long_lived_keys_and_only_known_secrets_and_variables(path: Path):
     text = path.read_text()
     assert not LONG_LIVED_KEYS.findall(text)
     assert set(re.findall(r"\bsecrets\.(\w+)", text)) <= SECRETS
-    assert set(re.findall(r"\bvars\.(\w+)", text)) <= set(VARIABLE_VALUES)
+    assert set(re.findall(r"\bvars\.(\w+)", text)) <= VARIABLE_NAMES
 
 
-def test_every_action_is_pinned_to_a_version_or_a_commit():
-    for name, job_id, job in all_jobs():
-        for step in steps_of(job):
-            if "uses" not in step or step["uses"].startswith("./"):
-                continue
-            action, _, ref = step["uses"].partition("@")
-            assert re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", action), step["uses"]
-            assert VERSION_REF.fullmatch(ref) or SHA_REF.fullmatch(ref), (
-                f"{name}:{job_id}: {step['uses']} is not pinned to a version tag or a commit"
-            )
+def uses_lines() -> list[tuple[str, str]]:
+    """Every `uses:` line of the workflows, as (file name, line)."""
+    return [
+        (path.name, line)
+        for path in WORKFLOW_PATHS
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(-\s+)?uses:", line)
+    ]
 
 
-def test_dagster_cloud_action_is_the_release_of_the_locked_dagster_cloud():
-    """The action bundles its own dagster-cloud CLI; its releases follow Dagster's (v1.13.27
-    is the CLI of dagster-cloud 1.13.27, the tag `dg scaffold github-actions` writes). At the
-    locked version, CI deploys with the CLI the code location is built with: bump both
-    together."""
-    refs = {
-        step["uses"].partition("@")[2]
+def test_every_action_is_pinned_by_commit_sha_with_its_tag():
+    """`owner/repo[/path]@<40 hex> # vX.Y.Z`: a tag can be moved to other code, a commit
+    cannot. One action, one commit: the same tag everywhere."""
+    assert uses_lines()
+    pins: dict[str, set[tuple[str, str]]] = {}
+    for name, line in uses_lines():
+        action = line.split("uses:", 1)[1].strip().split("@")[0]
+        repository = "/".join(action.split("/")[:2])
+        match = PINNED_USES.match(line)
+        assert match, f"{name}: not pinned by commit SHA with its tag in a comment: {line.strip()}"
+        pins.setdefault(repository, set()).add((match["sha"], match["tag"]))
+    assert all(len(refs) == 1 for refs in pins.values()), pins
+
+
+def test_dagster_cloud_action_is_pinned_by_commit():
+    lines = [line for _, line in uses_lines() if DAGSTER_CLOUD_ACTION in line]
+    assert lines and all(PINNED_USES.match(line) for line in lines)
+
+
+# The commands the deploy runs through the action, each present in the pinned action's
+# dagster-cloud-cli (dagster_cloud_cli/commands/{ci,job} of the 1.13.7 wheel on PyPI, the CLI
+# its pex bundles).
+ACTION_CLI_COMMANDS = {
+    ("ci", name) for name in ("template", "init", "set-build-output", "deploy", "notify", "status")
+} | {("job", "launch")}
+
+
+def test_dagster_cloud_action_bundles_a_cli_of_the_locked_dagster_cloud_minor():
+    """The action bundles its own dagster-cloud CLI (its tags follow dagster-cloud's releases).
+    It must be a release of the locked dagster-cloud's minor version, and no newer than it, so
+    the CLI speaks the API of the agent and code location built with the lock."""
+    lines = {
+        line.split("uses:", 1)[1].strip().split("#")[0].strip(): line for _, line in uses_lines()
+    }
+    tags = {
+        PINNED_USES.match(lines[step["uses"]])["tag"]
         for _, _, job in all_jobs()
         for step in steps_of(job)
         if action_of(step).startswith(DAGSTER_CLOUD_ACTION)
     }
-    assert refs == {f"v{locked_version('dagster-cloud')}"}
+    assert len(tags) == 1, tags
+    action = tuple(int(part) for part in tags.pop().removeprefix("v").split("."))
+    locked = tuple(int(part) for part in locked_version("dagster-cloud").split("."))
+    assert action[:2] == locked[:2] and action <= locked, (action, locked)
+    used = {
+        tuple(step["with"]["command"].split()[:2])
+        for _, _, job in all_jobs()
+        for step in steps_of(job)
+        if action_of(step).startswith(DAGSTER_CLOUD_ACTION) and "command" in step.get("with", {})
+    }
+    assert used <= ACTION_CLI_COMMANDS, used
 
 
 def test_setup_uv_installs_the_makefiles_uv():
@@ -614,14 +774,17 @@ def deploy_sequence() -> list[str]:
 
 
 def test_the_deploy_follows_the_hybrid_ci_sequence():
-    """dagster-cloud-action's Hybrid template: ci check, ci init, our own image build and
-    push, ci set-build-output, ci deploy; before it, the components image and the templates
-    this commit's code location will resolve; dagster_cloud.yaml rendered before any `ci`
-    command reads it."""
-    order = deploy_sequence().index
+    """dagster-cloud-action's Hybrid template: ci init, our own image build and push,
+    ci set-build-output, ci deploy; before it, the components image and the templates this
+    commit's code location will resolve; dagster_cloud.yaml rendered (and so validated by
+    dagster-cloud's models) before any `ci` command reads it. No `ci check`: dagster-cloud 1.13
+    deprecates it, and its two checks are `ci template`'s validation and `ci init`'s login."""
+    sequence = deploy_sequence()
+    order = sequence.index
+    assert "ci check" not in sequence
     assert order("google-github-actions/auth") < order("build components")
     assert order("build components") < order("publish templates") < order("ci template")
-    assert order("ci template") < order("ci check") < order("ci init")
+    assert order("ci template") < order("ci init")
     assert order("aws-actions/amazon-ecr-login") < order("build code-location")
     assert order("ci init") < order("build code-location") < order("ci set-build-output")
     assert order("ci set-build-output") < order("ci deploy")
@@ -672,11 +835,12 @@ def deploy_environment(github: dict[str, Any], tmp_path: Path) -> dict[str, str]
     return env
 
 
+@pytest.mark.parametrize("scenario", ["push to main", "pull request opened"])
 def test_the_ci_commands_get_dagster_cloud_yaml_rendered_with_every_variable(
-    tmp_path: Path, monkeypatch
+    scenario: str, tmp_path: Path, monkeypatch
 ):
-    """dagster_cloud.yaml is a Jinja template. `ci template` renders it, but `ci check` and
-    `ci init` read the file they are given as plain YAML (dagster-cloud 1.13), and
+    """dagster_cloud.yaml is a Jinja template. `ci template` renders it, but `ci init` reads
+    the file it is given as plain YAML (dagster-cloud 1.13), and
     `ci set-build-output` and `ci deploy` read the file `ci init` recorded: they must all get
     the rendered copy, rendered with every variable the template reads."""
     from dagster_cloud_cli.config.jinja_template_loader import JinjaTemplateLoader
@@ -692,10 +856,9 @@ def test_the_ci_commands_get_dagster_cloud_yaml_rendered_with_every_variable(
     assert resolve(init["with"]["dagster_cloud_yaml_path"], {}) == resolve(
         rendered_path.replace("$RUNNER_TEMP", "${{ runner.temp }}"), {}
     )
-    (check,) = [s for s in steps_of(job) if command_of(s).startswith("ci check")]
-    assert rendered_path in command_of(check)
 
-    github = push("refs/heads/main")
+    github, _ = SCENARIOS[scenario]
+    variables = variables_of(environment_of(job, github))
     env = deploy_environment(github, tmp_path)
     read = set(re.findall(r"get_env\(\s*'(\w+)'", template.read_text()))
     assert read <= set(env), (
@@ -708,13 +871,87 @@ def test_the_ci_commands_get_dagster_cloud_yaml_rendered_with_every_variable(
     ).locations
     assert location.location_name == code_location_name()
     assert WORKFLOWS["deploy.yml"]["env"]["LOCATION_NAME"] == location.location_name
-    assert location.build.registry == VARIABLE_VALUES["ECR_REPOSITORY_URI"]
+    assert location.build.registry == variables["ECR_REPOSITORY_URI"]
     container_env = dict(e.split("=", 1) for e in location.container_context["ecs"]["env_vars"])
     # The code location resolves the templates this deploy published, built on its image.
     assert container_env["ML_PLATFORM_TEMPLATE_TAG"] == f"sha-{HEAD_SHA[:12]}"
     assert container_env["ML_PLATFORM_COMPONENT_IMAGE"] == (
-        f"{VARIABLE_VALUES['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
+        f"{variables['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
     )
+
+
+def rendered_location(env: dict[str, str], tmp_path: Path, monkeypatch) -> dict[str, Any]:
+    """dagster_cloud.yaml rendered in ``env`` as `ci template` does, then the document `ci
+    deploy` sends for the location (dagster_cloud_cli.config_utils.get_location_document)."""
+    from dagster_cloud_cli.config.loader import DagsterCloudLocationsConfigLoader
+    from dagster_cloud_cli.config_utils import get_location_document
+
+    template = ROOT / "dagster_cloud.yaml"
+    for name in set(re.findall(r"get_env\(\s*'(\w+)'", template.read_text())):
+        monkeypatch.setenv(name, env.get(name, ""))
+    (location,) = DagsterCloudLocationsConfigLoader.load_from_template(
+        str(template), context={}
+    ).locations
+    rendered = tmp_path / "rendered-dagster_cloud.yaml"
+    rendered.write_text(yaml.safe_dump({"locations": [location.model_dump(exclude_none=True)]}))
+    return get_location_document(
+        location.location_name, {"location_file": str(rendered), "image": "image:tag"}
+    )
+
+
+@pytest.mark.parametrize("scenario", ["push to main", "pull request opened"])
+def test_each_deploy_renders_its_own_sides_agent_task_role_and_secret(
+    scenario: str, tmp_path: Path, monkeypatch
+):
+    """What reaches Dagster+ for the location: prod's task role, credential secret and runner
+    for prod; the branch agent's task role, the branch credential secret, runner and Slack
+    channel for a pull request. The document passes
+    dagster-cloud's own location schema (what the agent validates)."""
+    from dagster_cloud.workspace.config_schema import validate_workspace_location
+
+    github, _ = SCENARIOS[scenario]
+    _, job = job_with_role("deploy")
+    environment = environment_of(job, github)
+    variables = ENVIRONMENT_VARIABLES[environment]
+    document = rendered_location(deploy_environment(github, tmp_path), tmp_path, monkeypatch)
+    assert validate_workspace_location(document) == []
+    ecs = document["container_context"]["ecs"]
+    assert ecs["task_role_arn"] == variables["CODE_LOCATION_TASK_ROLE_ARN"]
+    (credential,) = [s for s in ecs["secrets"] if s["name"] == "ML_PLATFORM_GCP_CREDENTIAL_CONFIG"]
+    assert credential["valueFrom"] == variables["GCP_CREDENTIAL_CONFIG_SECRET_ARN"]
+    env = dict(item.split("=", 1) for item in ecs["env_vars"])
+    assert (
+        env["ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"] == variables["ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"]
+    )
+    assert "agent_queue" not in document  # the agents are told apart by deployment
+    channel = (
+        "ML_PLATFORM_SLACK_CHANNEL"
+        if environment == PRODUCTION
+        else "ML_PLATFORM_SLACK_BRANCH_CHANNEL"
+    )
+    assert {name: value for name, value in env.items() if "SLACK" in name} == {
+        channel: variables[channel]
+    }
+
+
+def test_the_variable_check_names_a_missing_pipeline_runner(tmp_path: Path):
+    """ML_PLATFORM_VERTEX_SERVICE_ACCOUNT is required: without it the first training run
+    would fail (or run as the Compute Engine default account), long after the deploy."""
+    github = pull_request("opened")
+    step = step_named("deploy", "Check the variables dagster_cloud.yaml needs")
+    env = step_env("deploy", step, github)
+    run_step(step, env, tmp_path)  # every variable set: passes
+    del env["ML_PLATFORM_VERTEX_SERVICE_ACCOUNT"]
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", step["run"]],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "ML_PLATFORM_VERTEX_SERVICE_ACCOUNT" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -730,10 +967,16 @@ def test_the_deploy_publishes_its_commits_templates_as_its_own_deployment(
     env = deploy_environment(github, tmp_path) | step_env("deploy", step, github)
     settings = Settings.from_env(env)
     assert settings.deployment is deployment
-    assert settings.component_image == f"{VARIABLE_VALUES['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
-    assert settings.artifact_registry_url == "https://europe-west4-kfp.pkg.dev/acme-ml/pipelines"
+    # Each side's own repositories: a pull request publishes nothing into prod's.
+    environment = PRODUCTION if deployment is Deployment.PROD else BRANCH_DEPLOYMENTS
+    variables = ENVIRONMENT_VARIABLES[environment]
+    assert settings.component_image == f"{variables['COMPONENT_IMAGE_REPOSITORY']}@{DIGEST}"
+    assert settings.artifact_registry_url == (
+        f"https://europe-west4-kfp.pkg.dev/acme-ml/{variables['ML_PLATFORM_ARTIFACT_REGISTRY_REPOSITORY']}"
+    )
     if deployment is Deployment.BRANCH:
         assert settings.pull_request_id == str(PR_NUMBER)
+        assert "-pr" in settings.artifact_registry_url
 
 
 def test_what_prod_runs_is_tagged_prod_once_deployed_and_only_from_main(tmp_path: Path):
@@ -816,7 +1059,7 @@ def test_the_cleanup_drops_exactly_the_pull_requests_branch_data():
         logical: f"flights_{logical}_pr_{PR_NUMBER}" for logical in DATASETS
     }
     assert settings.pipeline_root == (
-        f"gs://{VARIABLE_VALUES['ML_PLATFORM_GCS_BUCKET']}/pipeline_root/branch/pr-{PR_NUMBER}"
+        f"gs://{REPOSITORY_VARIABLES['ML_PLATFORM_GCS_BUCKET']}/pipeline_root/branch/pr-{PR_NUMBER}"
     )
 
 
