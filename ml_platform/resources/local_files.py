@@ -1,8 +1,12 @@
-"""Files the local backends write (templates, tags, a job's copy of its template)."""
+"""Files the local backends write: templates, tags, a job's copy of its template, and the
+SQLite stores of pipeline jobs and model versions."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 
@@ -18,3 +22,35 @@ def write_atomically(path: Path, content: bytes) -> None:
     except OSError as error:
         scratch.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+class SqliteFile:
+    """One SQLite file several processes share, with its schema: made on first use (so
+    building the Definitions touches no file) and made again if deleted under a running
+    process (a code server's sensor would otherwise fail every tick)."""
+
+    def __init__(self, path: str | Path, schema: str, error: type[Exception], what: str) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self.error = error  # raised, naming ``what`` and the file, for any SQLite or OS error
+        self.what = what
+        self._ready = False
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        ready = self._ready and self.path.exists()
+        try:
+            if not ready:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as db:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA busy_timeout=60000")
+                if not ready:
+                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                    db.executescript(self.schema)
+                    self._ready = True
+                yield db
+        except sqlite3.IntegrityError:
+            raise  # a key taken: the caller's to say
+        except (sqlite3.Error, OSError) as error:
+            raise self.error(f"the {self.what} {self.path} cannot be used: {error}") from error

@@ -20,12 +20,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ml_platform.resources.local_files import write_atomically
+from ml_platform.resources.local_files import SqliteFile, write_atomically
 from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobAlreadyExistsError,
@@ -87,30 +87,10 @@ class JobStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._ready = False
+        self._file = SqliteFile(self.path, _SCHEMA, JobStoreError, "pipeline job store")
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # Made on first use, so building the Definitions touches no files; and made again if
-        # deleted under a running process (a code server's sensor would fail every tick).
-        ready = self._ready and self.path.exists()
-        try:
-            if not ready:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as db:
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA busy_timeout=60000")
-                if not ready:
-                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-                    db.executescript(_SCHEMA)
-                    self._ready = True
-                yield db
-        except sqlite3.IntegrityError:
-            raise  # a job id taken: the caller's to say
-        except (sqlite3.Error, OSError) as error:
-            raise JobStoreError(
-                f"the pipeline job store {self.path} cannot be used: {error}"
-            ) from error
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.connect()
 
     def insert(self, row: Mapping[str, Any]) -> None:
         columns = ", ".join(row)
