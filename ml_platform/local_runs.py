@@ -38,6 +38,12 @@ DAEMON_START_SECONDS = 180.0
 BIN = Path(sys.executable).parent
 # On every run `ml-platform materialize` submits: "PID:START" of the command that waits for it.
 SUBMITTER_TAG = "ml_platform/submitted_by"
+PENDING = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+}
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -112,6 +118,12 @@ def cancel_abandoned(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
     return canceled
 
 
+def _unowned_pending(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """Runs waiting for a daemon that no `materialize` waits for: the UI's, a sensor's."""
+    pending = instance.get_runs(filters=dg.RunsFilter(statuses=list(PENDING)))
+    return [run for run in pending if SUBMITTER_TAG not in run.tags]
+
+
 def run_worker(instance: dg.DagsterInstance, run_id: str) -> RunWorker | None:
     """The run's worker process, from the engine events it wrote ("Started process for run
     (pid: N)", then "Process for run exited"); None before it started."""
@@ -181,8 +193,25 @@ class QueueDaemon:
         self.ensure()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        if error_type is None:
+            self.finish()
         self.stop()
+
+    def finish(self) -> None:
+        """Before this command's own daemon stops: run what else it was given to run (a
+        refresh the completion sensor queued meanwhile, a run launched from the UI), which
+        would otherwise wait QUEUED for the next daemon. A sensor tick can still submit while
+        the daemon stops, so the queue is looked at again once it has."""
+        for _ in range(3):
+            if self._own is None:
+                return  # another's daemon serves: it runs the queue after this command
+            while pending := _unowned_pending(self.instance):
+                wait_for(self.instance, pending[0].run_id, daemon=self)
+            self.stop()
+            if not _unowned_pending(self.instance):
+                return
+            self.ensure()
 
     def ensure(self) -> None:
         if self._own is not None and self._own.poll() is None:

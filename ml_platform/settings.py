@@ -257,6 +257,10 @@ class Settings:
         return self.data_dir / "pipeline_jobs.sqlite"
 
     @property
+    def model_registry_path(self) -> Path:
+        return self.data_dir / "model_registry.sqlite"
+
+    @property
     def template_dir(self) -> Path:
         return self.data_dir / "templates"
 
