@@ -2,6 +2,8 @@
 
 ml-platform materialize [--days N]   the whole asset graph, in the Dagster instance
                                      that `dagster dev` shows, then a summary
+ml-platform models list | promote VERSION | rollback [--reason TEXT]
+                                     the model registry's versions; move its champion
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ def materialize(settings: Settings, days: int) -> int:
     """
     import dagster as dg
 
-    from ml_platform.assets.model import MODEL_KEY
+    from ml_platform.assets.model import FIGURES, MODEL_KEY
     from ml_platform.launch import PREDICTIONS_TABLE
     from ml_platform.local_runs import LaunchError, QueueDaemon, cancel_abandoned, launch, wait_for
+    from ml_platform.pipelines.model import HOLDOUT_DAYS
     from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
     from ml_platform.sensors import pending_refresh
     from ml_platform.settings import PROJECT_DIR, child_environment
@@ -101,14 +104,21 @@ def materialize(settings: Settings, days: int) -> int:
     )
     reporting = settings.dataset("reporting")
     print()
-    rows = [
-        ("test ROC AUC", "roc_auc", "baseline_roc_auc"),
-        ("log loss", "log_loss", "baseline_log_loss"),
-        ("Brier score", "brier_score", "baseline_brier_score"),
-    ]
-    print("flight_delay_model (test split; baseline: delay rate by carrier x scheduled hour)")
-    for label, name, baseline in rows:
-        print(f"  {label:<13}{model[name].value:.4f}   baseline {model[baseline].value:.4f}")
+    print(
+        f"flight_delay_model: version {model['registry_version'].value}, "
+        f"{'promoted to champion' if model['promoted'].value else 'not promoted'} "
+        f"(champion: version {model['champion_version'].value or 'none'})"
+    )
+    print("  baseline: delay rate by carrier x scheduled hour")
+    for window, prefix in (
+        (f"out of time (the {HOLDOUT_DAYS} days before the cutoff, never trained on)", "oot_"),
+        ("test split (random flights of the earlier days: optimistic)", ""),
+    ):
+        print(f"  {window}")
+        for label, name in FIGURES:
+            model_value = model[f"{prefix}{name}"].value
+            baseline_value = model[f"{prefix}baseline_{name}"].value
+            print(f"    {label:<13}{model_value:.4f}   baseline {baseline_value:.4f}")
     print(f"flight_delay_predictions: {predicted:,} flights over {len(window)} days")
     print("reporting tables:")
     for table in REPORTING_TABLES:
@@ -211,15 +221,19 @@ def publish_command(settings: Settings, args) -> int:
 def run_command(settings: Settings, args) -> int:
     from ml_platform import launch
     from ml_platform.resources.backends import build_resources
+    from ml_platform.resources.model_registry import CHAMPION, MODEL_NAME
     from ml_platform.resources.pipeline_runs import PipelineJobError
 
     resources = build_resources(settings)
     runner, templates = resources["pipeline_runner"], resources["templates"]
     warehouse_uri = resources["warehouse"].uri
+    champion = resources["model_registry"].get(CHAMPION)
     if args.pipeline == "training":
         cutoff = args.cutoff or settings.training_cutoff
         asset, partition = launch.MODEL_ASSET, None
-        parameters = launch.training_parameters(settings, warehouse_uri, cutoff)
+        parameters = launch.training_parameters(
+            settings, warehouse_uri, cutoff, champion.artifact_uri if champion else ""
+        )
     else:
         if args.date is None:
             raise SystemExit("pipelines run prediction needs --date YYYY-MM-DD")
@@ -232,12 +246,13 @@ def run_command(settings: Settings, args) -> int:
             )
         model_uri = args.model_uri
         if model_uri is None:
-            try:
-                model = launch.latest_good_model(settings, runner)
-            except LookupError as error:
-                raise SystemExit(str(error)) from error
-            model_uri = model.outputs["model"]["uri"]
-            print(f"model: {model_uri} (from {model.job_id})")
+            if champion is None:
+                raise SystemExit(
+                    f"model {MODEL_NAME} has no champion in the {settings.deployment} "
+                    "deployment: materialize flight_delay_model first, or pass --model-uri"
+                )
+            model_uri = champion.artifact_uri
+            print(f"model: {MODEL_NAME} version {champion.version} ({CHAMPION}): {model_uri}")
         asset, partition = launch.PREDICTIONS_ASSET, args.date.isoformat()
         parameters = launch.prediction_parameters(settings, warehouse_uri, args.date, model_uri)
     request = launch.job_request(
@@ -283,6 +298,61 @@ def list_command(settings: Settings, args) -> int:
         ended = job.end_time.isoformat(timespec="seconds") if job.end_time else "-"
         started_by = job.labels.get("dagster_run_id", "outside Dagster")
         print(f"{job.job_id}  {job.state.name:<10} ended {ended}  {started_by}")
+    return 0
+
+
+def models_list_command(settings: Settings, args) -> int:
+    from ml_platform.resources.backends import model_registry
+    from ml_platform.resources.gcp_credentials import google_credentials
+
+    registry = model_registry(settings, None if settings.is_local else google_credentials(settings))
+    versions = registry.list_versions()
+    if not versions:
+        print("no model versions yet: materialize flight_delay_model")
+    for version in versions:
+        metrics = version.metrics
+        figures = "  ".join(
+            f"{label} {metrics[name]:.4f}"
+            for label, name in (("oot AUC", "oot_roc_auc"), ("oot log loss", "oot_log_loss"))
+            if name in metrics
+        )
+        aliases = ", ".join(version.aliases) or "-"
+        print(f"{version.version:>4}  cutoff {version.cutoff}  {figures}  [{aliases}]")
+    return 0
+
+
+def models_move_command(settings: Settings, args) -> int:
+    """Promote a version, or roll back to the previous champion; recorded on
+    flight_delay_model as an observation (who, why, from which version to which)."""
+    from ml_platform.assets.model import alias_moved, who
+    from ml_platform.resources.backends import model_registry
+    from ml_platform.resources.gcp_credentials import google_credentials
+    from ml_platform.resources.model_registry import (
+        CHAMPION,
+        MODEL_NAME,
+        PREVIOUS_CHAMPION,
+        promote,
+    )
+
+    registry = model_registry(settings, None if settings.is_local else google_credentials(settings))
+    if args.action == "rollback":
+        target = registry.get(PREVIOUS_CHAMPION)
+        if target is None:
+            raise SystemExit(f"model {MODEL_NAME} has no {PREVIOUS_CHAMPION} to roll back to")
+        version = target.version
+    else:
+        version = args.version
+    champion, previous = promote(registry, version)
+    reason = args.reason or args.action
+    observation = alias_moved(
+        champion.version,
+        previous.version if previous else None,
+        alias=CHAMPION,
+        by=who(),
+        why=reason,
+    )
+    _instance(settings).report_runless_asset_event(observation)
+    print(observation.description)
     return 0
 
 
@@ -362,12 +432,20 @@ def main(argv: list[str] | None = None) -> int:
     run_.add_argument("pipeline", choices=["training", "prediction"])
     run_.add_argument("--date", type=date.fromisoformat, help="the day to score")
     run_.add_argument("--cutoff", type=date.fromisoformat, help="train on flights before it")
-    run_.add_argument("--model-uri", help="default: the latest training job that beat its baseline")
+    run_.add_argument("--model-uri", help="default: the model registry's champion")
     run_.add_argument("--no-wait", action="store_true", help="submit and return")
     list_ = actions.add_parser("list", help="pipeline jobs of this deployment, oldest first")
     list_.add_argument("--pipeline", **names)
     list_.add_argument("--state", action="append", choices=[s.name for s in _job_states()])
     list_.add_argument("--limit", type=_positive, default=20, help="the newest N (default 20)")
+    models = commands.add_parser("models", help="the model registry: versions and champion")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    model_actions.add_parser("list", help="every version, oldest first, with its aliases")
+    promote_ = model_actions.add_parser("promote", help="make VERSION the champion")
+    promote_.add_argument("version", help="a version number (see `models list`)")
+    promote_.add_argument("--reason", help="recorded with the move")
+    rollback = model_actions.add_parser("rollback", help="the previous champion again")
+    rollback.add_argument("--reason", help="recorded with the move")
     branch = commands.add_parser("branch", help="branch deployments of pull requests")
     branch_actions = branch.add_subparsers(dest="action", required=True)
     cleanup = branch_actions.add_parser("cleanup", help="drop a closed pull request's data")
@@ -386,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
             if not 1 <= args.days <= (date(2014, 1, 1) - settings.training_cutoff).days:
                 parser.error("--days must fit between the training cutoff and the end of 2013")
             return materialize(settings, args.days)
+        if args.command == "models":
+            if args.action == "list":
+                return models_list_command(settings, args)
+            return models_move_command(settings, args)
         return handlers[args.action](settings, args)
     except expected_errors() as error:  # one line that says what and where, no traceback
         raise SystemExit(f"ml-platform: {_one_line(error)}") from error
@@ -396,11 +478,20 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     folder (OSError names the path), a warehouse, job store, template or artifact that cannot
     be used (their messages name it). Anything else is a bug, and keeps its traceback."""
     from ml_platform.resources.artifacts import ArtifactError
+    from ml_platform.resources.model_registry import ModelRegistryError
     from ml_platform.resources.pipeline_runs import PipelineJobError
     from ml_platform.resources.templates import TemplateError
     from ml_platform.resources.warehouse import WarehouseError
 
-    return (SettingsError, OSError, PipelineJobError, TemplateError, WarehouseError, ArtifactError)
+    return (
+        SettingsError,
+        OSError,
+        PipelineJobError,
+        TemplateError,
+        WarehouseError,
+        ArtifactError,
+        ModelRegistryError,
+    )
 
 
 def _one_line(error: BaseException) -> str:

@@ -16,8 +16,10 @@ from ml_platform.alerting import build_alerting
 from ml_platform.assets.dbt import build_dbt_assets
 from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
+from ml_platform.assets.performance import build_performance_asset
 from ml_platform.assets.predictions import build_predictions_asset
 from ml_platform.resources.backends import build_resources
+from ml_platform.retraining import build_retrain_sensor
 from ml_platform.schedules import build_schedules
 from ml_platform.sensors import REPORTING_JOB, build_completion_sensor
 from ml_platform.settings import Settings, get_settings
@@ -52,6 +54,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     dbt_features, dbt_reporting = build_dbt_assets(settings)
     model = build_model_asset(settings)
     predictions = build_predictions_asset(settings)
+    performance = build_performance_asset(settings)
 
     training_job = dg.define_asset_job(
         "train_flight_delay_model",
@@ -63,6 +66,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         selection=dg.AssetSelection.assets(predictions),
         description="Score one day of flights with the latest model.",
     )
+    performance_job = dg.define_asset_job(
+        "measure_model_performance",
+        selection=dg.AssetSelection.assets(performance),
+        description="Measure a day's predictions against its outcomes, with drift checks.",
+    )
     reporting_job = dg.define_asset_job(
         REPORTING_JOB,
         selection=dg.AssetSelection.assets(dbt_reporting),
@@ -70,10 +78,14 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     )
     alert_sensors, alerts = build_alerting(settings)
     return dg.Definitions(
-        assets=[ingest, dbt_features, model, predictions, dbt_reporting],
-        jobs=[training_job, predictions_job, reporting_job],
+        assets=[ingest, dbt_features, model, predictions, performance, dbt_reporting],
+        jobs=[training_job, predictions_job, performance_job, reporting_job],
         schedules=build_schedules(predictions_job.name),
-        sensors=[build_completion_sensor(settings), *alert_sensors],
+        sensors=[
+            build_completion_sensor(settings),
+            build_retrain_sensor(settings, training_job.name),
+            *alert_sensors,
+        ],
         resources={**build_resources(settings), "alerts": alerts},
         # Locally, steps run one after another in the run's own process: the warehouse
         # takes one writer at a time anyway, and each step process would pay the code

@@ -18,9 +18,6 @@ from typing import Any
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.resources.pipeline_runs import (
     JobRequest,
-    JobState,
-    PipelineJob,
-    PipelineRunner,
     make_job_id,
 )
 from ml_platform.resources.templates import TemplateRegistry, TemplateVersion
@@ -100,11 +97,16 @@ def inputs_digest(template: TemplateVersion, parameters: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def training_parameters(settings: Settings, warehouse_uri: str, cutoff: date) -> dict[str, Any]:
+def training_parameters(
+    settings: Settings, warehouse_uri: str, cutoff: date, champion_model_uri: str = ""
+) -> dict[str, Any]:
+    """``champion_model_uri``: the current champion's artifact, re-scored on the challenger's
+    out-of-time window ("" when there is none)."""
     return {
         "warehouse_uri": warehouse_uri,
         "features_dataset": settings.dataset("features"),
         "cutoff_date": cutoff.isoformat(),
+        "champion_model_uri": champion_model_uri,
     }
 
 
@@ -119,25 +121,3 @@ def prediction_parameters(
         "flight_date": day.isoformat(),
         "model_uri": model_uri,
     }
-
-
-def beats_baseline(job: PipelineJob) -> bool:
-    metrics = job.outputs.get("metrics", {}).get("metadata", {})
-    return metrics.get("roc_auc", 0.0) > metrics.get("baseline_roc_auc", 1.0)
-
-
-def latest_good_model(settings: Settings, runner: PipelineRunner) -> PipelineJob:
-    """The newest training job of this deployment that succeeded and beat its baseline."""
-    succeeded = runner.list_jobs(
-        labels={**settings.labels, "asset": MODEL_ASSET},  # this deployment (and PR) only
-        states=[JobState.SUCCEEDED],
-    )
-    # A listing may carry no outputs (Vertex's list view): read each candidate, newest first.
-    for listed in sorted(succeeded, key=lambda job: job.end_time, reverse=True):
-        job = runner.get(listed.job_id)
-        if job is not None and beats_baseline(job):
-            return job
-    raise LookupError(
-        f"no succeeded {TRAINING_PIPELINE} job that beat its baseline in the "
-        f"{settings.deployment} deployment: materialize flight_delay_model first"
-    )

@@ -32,11 +32,17 @@ from typing import Any, NamedTuple
 
 import dagster as dg
 
-from ml_platform.assets.model import MODEL_KEY, model_materialization
-from ml_platform.assets.predictions import DAILY_2013, PREDICTIONS_KEY, predictions_metadata
+from ml_platform.assets.model import MODEL_KEY, record_training
+from ml_platform.assets.predictions import (
+    DAILY_2013,
+    PREDICTIONS_KEY,
+    predictions_metadata,
+    registry_version_of,
+)
 from ml_platform.launch import MODEL_ASSET, PIPELINE_OF_ASSET, PREDICTIONS_ASSET
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.artifacts import ArtifactError, ArtifactStore
+from ml_platform.resources.model_registry import ModelRegistry
 from ml_platform.resources.pipeline_runs import (
     TERMINAL_STATES,
     JobState,
@@ -179,6 +185,7 @@ def outcome_of(
     context: dg.SensorEvaluationContext,
     runner: PipelineRunner,
     artifacts: ArtifactStore,
+    registry: ModelRegistry,
 ) -> Outcome:
     """What an ended job of this deployment leads to: by its state, then its pipeline."""
     asset = ASSET_OF_PIPELINE.get(job.pipeline)
@@ -188,8 +195,8 @@ def outcome_of(
     if job.state is not JobState.SUCCEEDED:
         return failed(job, context, runner)
     if asset == MODEL_ASSET:
-        return trained(job, context, runner, artifacts)
-    return predicted(job, context, runner)
+        return trained(job, context, runner, artifacts, registry)
+    return predicted(job, context, runner, registry)
 
 
 def failed(
@@ -212,30 +219,39 @@ def trained(
     context: dg.SensorEvaluationContext,
     runner: PipelineRunner,
     artifacts: ArtifactStore,
+    registry: ModelRegistry,
 ) -> Outcome:
-    """A model trained outside Dagster is recorded on flight_delay_model with its baseline
-    check, so predictions can use it (a Dagster run records its own)."""
+    """A model trained outside Dagster is registered and judged like one a Dagster run trained
+    (it may become champion), and recorded on flight_delay_model with its checks."""
     if _started_by(job):
         return NOTHING
     full = runner.get(job.job_id) or job  # a listing may carry no outputs
-    metadata, check = model_materialization(full, artifacts)
-    context.log.info(f"recorded {job.job_id} (outside Dagster) on {MODEL_ASSET}")
+    metadata, checks = record_training(
+        full, artifacts, registry, dagster_run="", by=f"sensor {SENSOR_NAME}, job {job.job_id}"
+    )
+    context.log.info(f"recorded {job.job_id} (outside Dagster): {metadata['decision']}")
     return Outcome(
         asset_events=(
             dg.AssetMaterialization(MODEL_KEY, metadata=metadata),
-            dg.AssetCheckEvaluation(
-                asset_key=MODEL_KEY,
-                check_name=check.check_name,
-                passed=check.passed,
-                metadata=check.metadata,
-                description=check.description,
+            *(
+                dg.AssetCheckEvaluation(
+                    asset_key=MODEL_KEY,
+                    check_name=check.check_name,
+                    passed=check.passed,
+                    metadata=check.metadata,
+                    description=check.description,
+                )
+                for check in checks
             ),
         )
     )
 
 
 def predicted(
-    job: PipelineJob, context: dg.SensorEvaluationContext, runner: PipelineRunner
+    job: PipelineJob,
+    context: dg.SensorEvaluationContext,
+    runner: PipelineRunner,
+    registry: ModelRegistry,
 ) -> Outcome:
     """One refresh of the reporting. A job started outside Dagster is first recorded on its
     partition; one a Dagster run started waits for that run, which may refresh it itself."""
@@ -249,7 +265,9 @@ def predicted(
             context.log.info(f"{job.job_id}: the reporting was or will be refreshed after it")
             return NOTHING
     elif partition in _partition_keys():
-        metadata = predictions_metadata(runner.get(job.job_id) or job)
+        full = runner.get(job.job_id) or job
+        version = registry_version_of(registry, full.parameters.get("model_uri", ""))
+        metadata = predictions_metadata(full, version)
         events = (dg.AssetMaterialization(PREDICTIONS_KEY, partition=partition, metadata=metadata),)
     else:
         context.log.warning(f"{job.job_id}: {partition!r} is not a partition; not recorded")
@@ -287,6 +305,7 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
         context: dg.SensorEvaluationContext,
         pipeline_runner: dg.ResourceParam[PipelineRunner],
         artifacts: dg.ResourceParam[ArtifactStore],
+        model_registry: dg.ResourceParam[ModelRegistry],
         alerts: dg.ResourceParam[Alerts],
     ) -> dg.SensorResult:
         cursor = Cursor.parse(context.cursor)
@@ -313,7 +332,7 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
         now = datetime.now(UTC).timestamp()
         for job in sorted(ended.values(), key=lambda job: (job.end_time, job.job_id)):
             try:
-                outcome = outcome_of(job, context, pipeline_runner, artifacts)
+                outcome = outcome_of(job, context, pipeline_runner, artifacts, model_registry)
             except (KeyError, ArtifactError) as error:
                 # A job this code cannot read (outputs its template did not declare, an
                 # artifact that is gone) must not stop every later tick: report it, go on.

@@ -25,22 +25,32 @@ def load_training_data(
     cutoff_date: str,
     train: Output[Dataset],
     test: Output[Dataset],
-):
-    """Flights before the cutoff from the warehouse, split by the table's split column."""
-    from datetime import date
+    validation: Output[Dataset],
+) -> NamedTuple("Loaded", data_fingerprint=str):
+    """Flights before the cutoff from the warehouse: the out-of-time window (the last weeks
+    before the cutoff, never trained on), and the earlier flights split by the table's split
+    column into train and test."""
+    from collections import namedtuple
+    from datetime import date, timedelta
 
     from ml_platform.pipelines import model
     from ml_platform.resources.backends import open_warehouse
 
     cutoff = date.fromisoformat(cutoff_date)
+    where = f"{dataset}.{table}"
     rows = open_warehouse(warehouse_uri).read_table(
         dataset, table, date_column=model.DATE, end=cutoff
     )
-    train_rows, test_rows = model.split_training_data(rows, cutoff, where=f"{dataset}.{table}")
-    for artifact, frame in ((train, train_rows), (test, test_rows)):
+    earlier, window = model.hold_out_window(rows, cutoff, where=where)
+    window_start = cutoff - timedelta(days=model.HOLDOUT_DAYS)
+    train_rows, test_rows = model.split_training_data(earlier, window_start, where=where)
+    for artifact, frame in ((train, train_rows), (test, test_rows), (validation, window)):
         frame.to_parquet(artifact.path, index=False)
         artifact.metadata["rows"] = len(frame)
         artifact.metadata["delay_rate"] = float(frame[model.TARGET].astype(float).mean())
+    validation.metadata["window"] = f"{window_start} .. {cutoff}"
+    fingerprint = model.data_fingerprint(train_rows, test_rows, window)
+    return namedtuple("Loaded", ["data_fingerprint"])(fingerprint)
 
 
 @component
@@ -65,10 +75,13 @@ def evaluate_model(
     model: Input[Model],
     train: Input[Dataset],
     test: Input[Dataset],
+    validation: Input[Dataset],
+    champion_model_uri: str,
     metrics: Output[Metrics],
     evaluation_plot: Output[Artifact],
-) -> NamedTuple("Evaluation", roc_auc=float, baseline_roc_auc=float):
-    """Test-split ROC AUC, log loss and Brier score, against the carrier x hour baseline."""
+) -> NamedTuple("Evaluation", roc_auc=float, baseline_roc_auc=float, oot_roc_auc=float):
+    """The model out of time (the held-out window, beside the baseline and the current
+    champion re-scored on it) and on the test split, against the carrier x hour baseline."""
     from collections import namedtuple
 
     import pandas as pd
@@ -76,15 +89,20 @@ def evaluate_model(
     from ml_platform.pipelines import model as flight_model
 
     estimator, _ = flight_model.load_model(model.path)
-    evaluation, curves = flight_model.evaluate(
-        estimator, pd.read_parquet(train.path), pd.read_parquet(test.path)
+    train_rows = pd.read_parquet(train.path)
+    evaluation, curves = flight_model.evaluate(estimator, train_rows, pd.read_parquet(test.path))
+    champion = None
+    if champion_model_uri:
+        champion, _ = flight_model.load_model(flight_model.local_path(champion_model_uri))
+    out_of_time = flight_model.evaluate_out_of_time(
+        estimator, train_rows, pd.read_parquet(validation.path), champion
     )
-    for name, value in evaluation.as_dict().items():
+    for name, value in {**out_of_time, **evaluation.as_dict()}.items():
         metrics.log_metric(name, value)
     flight_model.plot_evaluation(evaluation, curves, evaluation_plot.path)
     evaluation_plot.metadata["mime_type"] = "image/png"
-    return namedtuple("Evaluation", ["roc_auc", "baseline_roc_auc"])(
-        evaluation.roc_auc, evaluation.baseline_roc_auc
+    return namedtuple("Evaluation", ["roc_auc", "baseline_roc_auc", "oot_roc_auc"])(
+        evaluation.roc_auc, evaluation.baseline_roc_auc, out_of_time["oot_roc_auc"]
     )
 
 

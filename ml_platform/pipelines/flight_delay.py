@@ -20,6 +20,8 @@ class TrainingOutputs(NamedTuple):
     evaluation_plot: Artifact
     roc_auc: float
     baseline_roc_auc: float
+    oot_roc_auc: float
+    data_fingerprint: str
 
 
 class PredictionOutputs(NamedTuple):
@@ -30,13 +32,15 @@ class PredictionOutputs(NamedTuple):
 
 @dsl.pipeline(
     name=TRAINING_PIPELINE,
-    description="Train a gradient-boosted flight delay classifier and evaluate it on the test "
-    "split against a carrier x scheduled-hour baseline.",
+    description="Train a gradient-boosted flight delay classifier; evaluate it out of time (the "
+    "last weeks before the cutoff, held out of training; the champion is re-scored on the same "
+    "window) and on the test split, against a carrier x scheduled-hour baseline.",
 )
 def training_pipeline(
     warehouse_uri: str,
     features_dataset: str,
     cutoff_date: str,
+    champion_model_uri: str = "",
     training_table: str = "training_data",
 ) -> TrainingOutputs:
     data = load_training_data(
@@ -53,6 +57,8 @@ def training_pipeline(
         model=trained.outputs["model"],
         train=data.outputs["train"],
         test=data.outputs["test"],
+        validation=data.outputs["validation"],
+        champion_model_uri=champion_model_uri,
     )
     return TrainingOutputs(
         model=trained.outputs["model"],
@@ -60,6 +66,8 @@ def training_pipeline(
         evaluation_plot=evaluated.outputs["evaluation_plot"],
         roc_auc=evaluated.outputs["roc_auc"],
         baseline_roc_auc=evaluated.outputs["baseline_roc_auc"],
+        oot_roc_auc=evaluated.outputs["oot_roc_auc"],
+        data_fingerprint=data.outputs["data_fingerprint"],
     )
 
 

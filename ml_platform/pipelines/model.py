@@ -12,7 +12,7 @@ import io
 import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,10 @@ NUMERIC_FEATURES = (
 FEATURES = CATEGORICAL_FEATURES + NUMERIC_FEATURES
 # The baseline: the historical delay rate of the flight's carrier at its scheduled hour.
 BASELINE_KEYS = ("carrier", "sched_dep_hour")
+# The out-of-time window: the last weeks before the cutoff, held out of training entirely and
+# scored as the days after the cutoff will be. A random per-flight split (the test split)
+# shares days, weather and schedules with training, so it flatters the model.
+HOLDOUT_DAYS = 21
 # A model file starts with this line, so a wrong or truncated file is named as such.
 _MODEL_MAGIC = b"ml-platform flight-delay model v1\n"
 
@@ -75,6 +79,39 @@ def split_training_data(
                 f"({len(part)} rows, both classes needed)"
             )
     return train, test
+
+
+def hold_out_window(
+    frame: pd.DataFrame, cutoff: date, where: str = "training data", days: int = HOLDOUT_DAYS
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Flights before ``cutoff`` as (earlier, window): the window is the last ``days`` days
+    before the cutoff, all of its flights whatever their split; the rest trains and tests."""
+    import pandas as pd
+
+    check_columns(frame, [KEY, DATE, TARGET], where)
+    start = cutoff - timedelta(days=days)
+    dates = pd.to_datetime(frame[DATE])
+    earlier = frame[dates < pd.Timestamp(start)]
+    window = frame[(dates >= pd.Timestamp(start)) & (dates < pd.Timestamp(cutoff))]
+    window = window[window[TARGET].notna()].sort_values(KEY, kind="stable")
+    if window.empty or window[TARGET].nunique() < 2:
+        raise DataError(
+            f"{where} has no usable out-of-time rows from {start} to {cutoff} "
+            f"({len(window)} rows, both classes needed)"
+        )
+    return earlier, window.reset_index(drop=True)
+
+
+def data_fingerprint(*frames: pd.DataFrame) -> str:
+    """What the rows a model learns from and is judged on hash to (their keys, target and
+    features, in key order): two trainings on the same rows have the same fingerprint."""
+    import pandas as pd
+
+    digest = hashlib.sha256()
+    for frame in frames:
+        rows = frame.sort_values(KEY, kind="stable")[[KEY, TARGET, *FEATURES]]
+        digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -192,6 +229,44 @@ def evaluate(model, train: pd.DataFrame, test: pd.DataFrame) -> tuple[Evaluation
     return evaluation, curves
 
 
+def evaluate_out_of_time(
+    model, train: pd.DataFrame, window: pd.DataFrame, champion=None
+) -> dict[str, float]:
+    """The model on the out-of-time window, beside the baseline and, if given, the champion
+    re-scored on the same window (two models' figures on different windows do not compare).
+    Also the window's score deciles: the reference distribution drift is measured against."""
+    import numpy as np
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+    from ml_platform.monitoring import calibration_error, window_days
+
+    actual = window[TARGET].astype(int).to_numpy()
+
+    def scores(prefix: str, predicted) -> dict[str, float]:
+        predicted = np.clip(predicted, 1e-6, 1 - 1e-6)
+        return {
+            f"{prefix}roc_auc": float(roc_auc_score(actual, predicted)),
+            f"{prefix}log_loss": float(log_loss(actual, predicted, labels=[0, 1])),
+            f"{prefix}brier_score": float(brier_score_loss(actual, predicted)),
+        }
+
+    predicted = predict_proba(model, window)
+    metrics = {
+        "oot_rows": float(len(window)),
+        "oot_delay_rate": float(actual.mean()),
+        "oot_mean_probability": float(predicted.mean()),
+        "oot_calibration_error": float(calibration_error(predicted, actual)),
+        **scores("oot_", predicted),
+        **scores("oot_baseline_", baseline_proba(baseline_rates(train), window)),
+    }
+    metrics.update(window_days(predicted, actual, window[DATE].astype(str).to_numpy()))
+    deciles = np.quantile(predicted, np.linspace(0.1, 0.9, 9))
+    metrics.update({f"oot_score_q{i}": float(q) for i, q in enumerate(deciles, start=1)})
+    if champion is not None:
+        metrics.update(scores("champion_oot_", predict_proba(champion, window)))
+    return metrics
+
+
 def plot_evaluation(evaluation: Evaluation, curves: dict, path: Path) -> None:
     """ROC curves (model vs baseline) and the model's calibration, as one PNG."""
     import matplotlib
@@ -224,6 +299,12 @@ def save_model(model, path: Path) -> str:
     payload = _MODEL_MAGIC + pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
     Path(path).write_bytes(payload)
     return f"sha256:{hashlib.sha256(payload).hexdigest()}"
+
+
+def local_path(uri: str) -> str:
+    """A model URI as a path a component can open: on Vertex AI, Cloud Storage is mounted
+    at /gcs (Cloud Storage FUSE), so gs://BUCKET/NAME is /gcs/BUCKET/NAME."""
+    return "/gcs/" + uri.removeprefix("gs://") if uri.startswith("gs://") else uri
 
 
 def load_model(path: str | Path):

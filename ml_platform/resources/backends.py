@@ -16,6 +16,9 @@ from ml_platform.resources.gcp_credentials import (
     dbt_uses_access_token,
     google_credentials,
 )
+from ml_platform.resources.model_registry import ModelRegistry
+from ml_platform.resources.model_registry.local import LocalModelRegistry
+from ml_platform.resources.model_registry.vertex import VertexModelRegistry
 from ml_platform.resources.pipeline_runs.local import LocalPipelineRunner
 from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
 from ml_platform.resources.templates.artifact_registry import ArtifactRegistryTemplates
@@ -47,9 +50,22 @@ def dbt_target(settings: Settings) -> str:
     return DBT_ACCESS_TOKEN_TARGET if dbt_uses_access_token(settings) else settings.dbt_target
 
 
+def model_registry(settings: Settings, credentials: Any = None) -> ModelRegistry:
+    """The deployment's model registry: a file under the data folder, or Vertex AI Model
+    Registry (one model per deployment: prod's, or a pull request's own)."""
+    if settings.is_local:
+        return LocalModelRegistry(settings.model_registry_path)
+    endpoint = settings.vertex_api_endpoint
+    plain_http = endpoint is not None and endpoint.startswith("http://")
+    return VertexModelRegistry.from_settings(
+        settings, credentials=None if plain_http else credentials
+    )
+
+
 def build_resources(settings: Settings) -> dict[str, Any]:
-    """The resources of one deployment: warehouse, pipeline runner, templates, artifacts and
-    dbt (the alert channel is chosen with the alert sensors, in ml_platform/alerting.py)."""
+    """The resources of one deployment: warehouse, pipeline runner, templates, artifacts,
+    model registry and dbt (the alert channel is chosen with the alert sensors, in
+    ml_platform/alerting.py)."""
     from dagster_dbt import DbtCliResource  # not at module top: pipeline components import us
 
     dbt = DbtCliResource(
@@ -66,6 +82,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
                 settings.job_store_path, settings.pipeline_root, templates
             ),
             "artifacts": LocalArtifactStore(settings.pipeline_root),
+            "model_registry": model_registry(settings),
             "dbt": dbt,
         }
     # Branch and prod: Google Cloud. Nothing here calls Google; clients are made on first use.
@@ -94,5 +111,6 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         "artifacts": GcsArtifactStore(
             settings.pipeline_root, project=settings.gcp_project, credentials=credentials
         ),
+        "model_registry": model_registry(settings, credentials),
         "dbt": dbt,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ class SqliteFile:
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA busy_timeout=60000")
                 if not ready:
-                    db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                    _use_wal(db)
                     db.executescript(self.schema)
                     self._ready = True
                 yield db
@@ -54,3 +55,18 @@ class SqliteFile:
             raise  # a key taken: the caller's to say
         except (sqlite3.Error, OSError) as error:
             raise self.error(f"the {self.what} {self.path} cannot be used: {error}") from error
+
+
+def _use_wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
+    """Switch the file to WAL (readers never block the writer). Switching needs the file to
+    itself: SQLite answers "database is locked" at once, without its busy timeout, while
+    another process opens a new file at the same moment, so wait for a turn here."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -370,8 +370,8 @@ def test_a_failed_run_of_the_code_location_is_posted_once(slack, local_settings)
     assert f"Run {run_id} of score_flights for partition 2013-06-01 failed" in text
     assert 'Execution of run for "score_flights" failed' in text
     assert (
-        "• flight_delay_predictions: no flight_delay_model has been materialized yet; "
-        "materialize it first" in text
+        "• flight_delay_predictions: model flight-delay has no champion yet: materialize "
+        "flight_delay_model" in text
     )
     assert links["text"]["text"] == f"<{UI_URL}/runs/{run_id}|Dagster run>"
 

@@ -69,7 +69,7 @@ def test_slack_alerts_only_with_a_token(local_settings):
     from ml_platform.resources.alerts.slack import SlackAlerts
 
     quiet = build_definitions(local_settings)
-    assert {s.name for s in quiet.sensors} == {"pipeline_job_completion"}
+    assert {s.name for s in quiet.sensors} == {"pipeline_job_completion", "retrain_on_drift"}
     assert isinstance(quiet.resources["alerts"], LogAlerts)
     loud = build_definitions(dataclasses.replace(local_settings, slack_token="xoxb-test"))
     assert "slack_on_run_failure" in {s.name for s in loud.sensors}

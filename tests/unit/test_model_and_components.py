@@ -149,26 +149,48 @@ def test_the_components_as_plain_functions(tmp_path: Path):
     warehouse.replace_table("features", "training_data", pa.Table.from_pandas(frame))
     warehouse.replace_table("features", "flight_features", pa.Table.from_pandas(frame))
     train, test = artifact(Dataset, tmp_path / "train"), artifact(Dataset, tmp_path / "test")
-    components.load_training_data.python_func(
+    validation = artifact(Dataset, tmp_path / "validation")
+    loaded = dict(
         warehouse_uri=warehouse.uri,
         dataset="features",
         table="training_data",
         cutoff_date="2013-10-01",
         train=train,
         test=test,
+        validation=validation,
     )
-    assert (
-        train.metadata["rows"] + test.metadata["rows"]
-        == (pd.to_datetime(frame.flight_date) < "2013-10-01").sum()
-    )
+    (fingerprint,) = components.load_training_data.python_func(**loaded)
+    dates = pd.to_datetime(frame.flight_date)
+    window = (dates >= "2013-09-10") & (dates < "2013-10-01")  # the 21 days before the cutoff
+    assert validation.metadata["rows"] == window.sum() > 0
+    assert train.metadata["rows"] + test.metadata["rows"] == (dates < "2013-09-10").sum()
+    # Out of time means out of training: no flight of the window is in train or test.
+    held_out = set(frame.flight_key[window])
+    assert not held_out & set(pd.read_parquet(train.path).flight_key)
+    assert not held_out & set(pd.read_parquet(test.path).flight_key)
+    assert fingerprint.startswith("sha256:")
+    assert components.load_training_data.python_func(**loaded) == (fingerprint,)  # same rows
     model = artifact(Model, tmp_path / "model")
     components.train_model.python_func(train=train, model=model)
     assert model.metadata["version"].startswith("sha256:")
     metrics, plot = artifact(Metrics, tmp_path / "metrics"), artifact(Artifact, tmp_path / "plot")
-    auc, baseline = components.evaluate_model.python_func(
-        model=model, train=train, test=test, metrics=metrics, evaluation_plot=plot
+    evaluation = dict(model=model, train=train, test=test, validation=validation)
+    auc, baseline, oot_auc = components.evaluate_model.python_func(
+        **evaluation, champion_model_uri="", metrics=metrics, evaluation_plot=plot
     )
     assert metrics.metadata["roc_auc"] == auc and metrics.metadata["baseline_roc_auc"] == baseline
+    assert metrics.metadata["oot_roc_auc"] == oot_auc > metrics.metadata["oot_baseline_roc_auc"]
+    assert metrics.metadata["oot_rows"] == validation.metadata["rows"]
+    assert "champion_oot_roc_auc" not in metrics.metadata
+    # With a champion (here the model itself), it is re-scored on the same window.
+    metrics = artifact(Metrics, tmp_path / "metrics2")
+    components.evaluate_model.python_func(
+        **evaluation, champion_model_uri=model.path, metrics=metrics, evaluation_plot=plot
+    )
+    assert metrics.metadata["champion_oot_roc_auc"] == metrics.metadata["oot_roc_auc"]
+    assert metrics.metadata["champion_oot_log_loss"] == metrics.metadata["oot_log_loss"]
+    quantiles = [metrics.metadata[f"oot_score_q{i}"] for i in range(1, 10)]
+    assert quantiles == sorted(quantiles) and 0 < quantiles[0] < quantiles[-1] < 1
     scoring = dict(
         model=model,
         warehouse_uri=warehouse.uri,
