@@ -125,6 +125,10 @@ def record_training(
     """
     model = job.outputs["model"]
     metrics = {name: float(value) for name, value in job.outputs["metrics"]["metadata"].items()}
+    plot_uri = job.outputs["evaluation_plot"]["uri"]
+    plot = artifacts.read_bytes(
+        plot_uri
+    )  # before registering: a job we cannot read changes nothing
     champion = registry.get(CHAMPION)
     verdict = judge(metrics, champion, job.parameters.get("champion_model_uri", ""))
     version = next(
@@ -142,7 +146,6 @@ def record_training(
     if promoted:
         promote(registry, version.version)
     now_champion = version.version if promoted else (champion.version if champion else "")
-    plot_uri = job.outputs["evaluation_plot"]["uri"]
     metadata = {
         **job_metadata(job),
         "registry_version": version.version,
@@ -164,7 +167,7 @@ def record_training(
             for name, value in metrics.items()
             if not name.startswith("oot_score_q")  # the drift reference: in the registry
         },
-        "evaluation_plot": _plot_markdown(artifacts.read_bytes(plot_uri)),
+        "evaluation_plot": _plot_markdown(plot),
         "evaluation_plot_uri": plot_uri,
     }
     checks = [
@@ -267,7 +270,11 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
             ),
         )
         metadata, checks = record_training(
-            job, artifacts, model_registry, dagster_run=context.run_id, by=f"run {context.run_id}"
+            job,
+            artifacts,
+            model_registry,
+            dagster_run=context.run.run_id,
+            by=f"run {context.run.run_id}",
         )
         context.log.info(metadata["decision"])
         return dg.MaterializeResult(

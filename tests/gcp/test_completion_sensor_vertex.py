@@ -45,6 +45,7 @@ from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.compile import compile_pipeline
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.artifacts import GcsArtifactStore
+from ml_platform.resources.model_registry.vertex import VertexModelRegistry
 from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
 from ml_platform.resources.templates import (
     TemplateError,
@@ -56,6 +57,8 @@ from ml_platform.resources.templates.local import LocalTemplateRegistry
 from ml_platform.sensors import REPORTING_JOB, SENSOR_NAME, build_completion_sensor
 from ml_platform.settings import Deployment, Settings
 from tests.gcp.fake_vertex import FakeClock, FakeVertex, RecordedRequest
+from tests.gcp.fake_vertex_models import FakeVertexModels
+from tests.model_metrics import TRAINING_METRICS
 
 PROJECT = "acme-ml"
 REGION = "us-central1"
@@ -205,6 +208,7 @@ class Branch:
     defs: dg.Definitions
     runner: VertexPipelineRunner  # the sensor's, as backends.py builds it
     artifacts: GcsArtifactStore
+    model_registry: VertexModelRegistry
     published: PublishedTemplates
     alerts: RecordingAlerts = field(default_factory=RecordingAlerts)
     cursor: str | None = None
@@ -269,6 +273,7 @@ class Branch:
         resources = {
             "pipeline_runner": runner or self.runner,
             "artifacts": self.artifacts,
+            "model_registry": self.model_registry,
             "alerts": self.alerts,
         }
         before = len(self.vertex.requests)
@@ -306,6 +311,7 @@ def branch(tmp_path: Path, compiled) -> Iterator[Branch]:
     clock = FakeClock()
     with (
         FakeVertex(PROJECT, REGION, clock=clock.time) as vertex,
+        FakeVertexModels(PROJECT, REGION) as models,
         dg.instance_for_test() as instance,
     ):
         settings = branch_settings(vertex, tmp_path)
@@ -322,6 +328,8 @@ def branch(tmp_path: Path, compiled) -> Iterator[Branch]:
             runner=VertexPipelineRunner.from_settings(
                 settings, LocalTemplateRegistry(tmp_path / "templates")
             ),
+            # backends.py's registry, on the fake ModelService (its own local endpoint).
+            model_registry=VertexModelRegistry.from_settings(settings, api_endpoint=models.url),
             # backends.py's store, with anonymous credentials for fake-gcs-server.
             artifacts=GcsArtifactStore(
                 settings.pipeline_root,
@@ -591,7 +599,7 @@ def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gc
             "uri": f"{branch.settings.pipeline_root}/manual/train-model/model",
             "metadata": {"version": "hgb-3f9a"},
         },
-        "metrics": {"metadata": {"roc_auc": 0.7782, "baseline_roc_auc": 0.6936}},
+        "metrics": {"metadata": TRAINING_METRICS},
         "evaluation_plot": {"uri": plot_uri, "metadata": {}},
         "roc_auc": 0.7782,
         "baseline_roc_auc": 0.6936,
@@ -602,7 +610,7 @@ def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gc
     tick = branch.tick()
     assert tick.kinds() == {"list": 1, "get": 1}  # the get reads the job's outputs
     assert tick.run_keys == []  # a new model does not change the reporting
-    materialization, check = tick.result.asset_events
+    materialization, *checks = tick.result.asset_events
     assert materialization.asset_key == MODEL_KEY
     assert materialization.metadata["pipeline_job"].value == trained
     assert materialization.metadata["model_uri"].value == outputs["model"]["uri"]
@@ -610,15 +618,21 @@ def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gc
     assert materialization.metadata["evaluation_plot"].value.startswith(
         "![evaluation](data:image/png;base64,"
     )
-    assert check.asset_key == MODEL_KEY and check.check_name == "beats_baseline"
-    assert check.passed
+    assert {(c.asset_key, c.check_name, c.passed) for c in checks} == {
+        (MODEL_KEY, "beats_baseline", True),
+        (MODEL_KEY, "beats_champion", True),
+    }
+    # Registered in the pull request's own Vertex model, and its first champion.
+    (version,) = branch.model_registry.list_versions()
+    assert version.artifact_uri == outputs["model"]["uri"] and "champion" in version.aliases
+    assert branch.model_registry.model_id == f"flight-delay-pr-{PR}"
     assert branch.tick().result.asset_events == []
 
 
 def test_a_training_job_whose_plot_is_gone_does_not_stop_the_sensor(branch):
     outputs = {
         "model": {"uri": f"{branch.settings.pipeline_root}/m/model", "metadata": {}},
-        "metrics": {"metadata": {"roc_auc": 0.78, "baseline_roc_auc": 0.69}},
+        "metrics": {"metadata": TRAINING_METRICS},
         "evaluation_plot": {"uri": f"{branch.settings.pipeline_root}/gone/plot", "metadata": {}},
     }
     trained = branch.start_job(MODEL_ASSET, after=60, outputs=outputs)
@@ -628,4 +642,5 @@ def test_a_training_job_whose_plot_is_gone_does_not_stop_the_sensor(branch):
     ((title, text, _),) = branch.alerts.sent
     assert title == f"Pipeline job not recorded: {job_id(trained)}"
     assert "ArtifactError" in text and "gone/plot" in text
+    assert branch.model_registry.list_versions() == []  # nothing registered from it
     assert branch.tick().run_keys == [] and len(branch.alerts.sent) == 1

@@ -57,6 +57,7 @@ from ml_platform.launch import publish
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.pipelines.model import Evaluation, plot_evaluation, predictions_schema
 from ml_platform.resources.backends import open_warehouse
+from ml_platform.resources.model_registry.vertex import VertexModelRegistry
 from ml_platform.resources.pipeline_runs import PollPolicy
 from ml_platform.resources.pipeline_runs.vertex import VertexPipelineRunner
 from ml_platform.resources.templates import TemplateVersion
@@ -71,6 +72,8 @@ from tests.gcp.bigquery_emulator import (
 )
 from tests.gcp.fake_artifact_registry import FakeArtifactRegistry
 from tests.gcp.fake_vertex import FakeClock, FakeVertex, RecordedRequest
+from tests.gcp.fake_vertex_models import FakeVertexModels
+from tests.model_metrics import TRAINING_METRICS
 
 __all__ = ["bq_emulator"]  # the session fixture, imported for pytest
 
@@ -110,6 +113,8 @@ EVALUATION = Evaluation(
     baseline_log_loss=0.4978,
     baseline_brier_score=0.1630,
 )
+# With the out-of-time figures evaluate_out_of_time logs beside them.
+METRICS = {**TRAINING_METRICS, **EVALUATION.as_dict()}
 SCORED_FLIGHTS = 7  # flights of DAY the fake scoring job writes
 PROBABILITIES = [0.05, 0.12, 0.2, 0.31, 0.44, 0.5, 0.73]
 
@@ -239,7 +244,7 @@ def training_job(gcs: storage.Client, vertex: FakeVertex, plot: bytes) -> Script
                     "iterations": 87,
                 },
             },
-            "metrics": {"metadata": EVALUATION.as_dict()},
+            "metrics": {"metadata": METRICS},
             "evaluation_plot": {"uri": plot_uri, "metadata": {"mime_type": "image/png"}},
             "roc_auc": EVALUATION.roc_auc,
             "baseline_roc_auc": EVALUATION.baseline_roc_auc,
@@ -378,6 +383,7 @@ def platform(
     (root / "dagster_home").mkdir()
     with (
         ScriptedVertex(FakeClock(), project=PROJECT, location=REGION) as vertex,
+        FakeVertexModels(PROJECT, REGION) as models,
         FakeArtifactRegistry(project=PROJECT, location=REGION, repository=REPOSITORY) as registry,
         dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance,
     ):
@@ -433,7 +439,14 @@ def platform(
             retry_maximum=0.05,
             retry_deadline=5.0,
         )
-        resources = {**defs.resources, "templates": templates, "pipeline_runner": runner}
+        # backends.py's model registry, on the fake ModelService (its own local endpoint).
+        model_registry = VertexModelRegistry.from_settings(settings, api_endpoint=models.url)
+        resources = {
+            **defs.resources,
+            "templates": templates,
+            "pipeline_runner": runner,
+            "model_registry": model_registry,
+        }
         for pipeline, version in published.items():
             assert version.version != prod[pipeline].version, "the two builds must differ"
             assert version.tags == (TAG,), f"{pipeline} {version.version}: {version.tags}"
@@ -555,6 +568,7 @@ def test_model_job_goes_to_vertex_as_the_branchs_job(platform, trained):
         "warehouse_uri": platform.resources["warehouse"].uri,
         "features_dataset": FEATURES,
         "cutoff_date": "2013-10-01",
+        "champion_model_uri": "",  # the first model: no champion to re-score
     }
     # The run looked the job up first, created it once and polled it until it ended.
     mine = [r for r in platform.vertex.requests if job_id in r.path or r is create]
@@ -574,8 +588,13 @@ def test_model_materialization_records_the_jobs_results(platform, trained):
     assert metadata["model_uri"].startswith(f"{PIPELINE_ROOT}/"), metadata["model_uri"]
     assert metadata["model_version"] == played["model_version"]
     assert metadata["cutoff_date"] == "2013-10-01"
-    for name, value in EVALUATION.as_dict().items():
-        assert metadata[name] == pytest.approx(value), f"metric {name}: {metadata.get(name)}"
+    for name, value in METRICS.items():
+        if not name.startswith("oot_score_q"):  # the drift reference lives in the registry
+            assert metadata[name] == pytest.approx(value), f"metric {name}: {metadata.get(name)}"
+    # Registered in the pull request's own Vertex model, and its first champion.
+    assert metadata["promoted"] is True and metadata["registry_version"] == "1"
+    champion = platform.resources["model_registry"].get("champion")
+    assert champion.artifact_uri == metadata["model_uri"] and champion.metrics == METRICS
     assert metadata[BEATS_BASELINE] is True
     assert metadata["template_version"] == version.version
     assert metadata["template_uri"] == create.body["templateUri"]
@@ -602,15 +621,17 @@ def test_model_materialization_records_the_jobs_results(platform, trained):
 
 
 def test_model_blocking_check_passes_for_a_model_that_beats_the_baseline(platform, trained):
-    (evaluation,) = trained.get_asset_check_evaluations()
-    assert evaluation.asset_key == MODEL_KEY and evaluation.check_name == BEATS_BASELINE
+    evaluations = {e.check_name: e for e in trained.get_asset_check_evaluations()}
+    assert set(evaluations) == {BEATS_BASELINE, "beats_champion"}
+    evaluation = evaluations[BEATS_BASELINE]
+    assert evaluation.asset_key == MODEL_KEY
     assert evaluation.passed, f"beats_baseline failed: {evaluation.description}"
-    assert evaluation.blocking
-    assert evaluation.metadata["roc_auc"].value == pytest.approx(EVALUATION.roc_auc)
-    assert evaluation.metadata["baseline_roc_auc"].value == pytest.approx(
-        EVALUATION.baseline_roc_auc
+    assert evaluation.blocking and evaluations["beats_champion"].passed  # no champion before
+    assert evaluation.metadata["oot_roc_auc"].value == pytest.approx(METRICS["oot_roc_auc"])
+    assert evaluation.metadata["oot_baseline_roc_auc"].value == pytest.approx(
+        METRICS["oot_baseline_roc_auc"]
     )
-    assert evaluation.description == "test ROC AUC 0.7782 vs baseline 0.6936"
+    assert evaluation.description == "out-of-time ROC AUC 0.6613 vs baseline 0.6011"
     # The instance keeps it: the predictions ask the instance, not this result.
     record = platform.instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [evaluation.asset_check_key]
@@ -661,9 +682,9 @@ def test_a_day_of_predictions_is_scored_on_vertex_into_the_branchs_dataset(platf
     assert metadata["dagster/row_count"] == stored
     assert metadata["model_version"] == model["model_version"]
     assert metadata["model_uri"] == model["model_uri"]
-    assert metadata["mean_delay_probability"] == pytest.approx(
-        sum(PROBABILITIES) / len(PROBABILITIES)
-    )
+    assert metadata["mean_delay_probability"] == round(sum(PROBABILITIES) / len(PROBABILITIES), 4)
+    # Scored with the champion the registry named when the step started, and recorded so.
+    assert metadata["registry_version"] == "1"
     assert metadata["template_version"] == platform.published[PREDICTION_PIPELINE].version
     assert metadata["pipeline_job_id"] == job_id
     assert metadata["console_link"].endswith(f"/pipelines/runs/{job_id}?project={PROJECT}")

@@ -31,6 +31,7 @@ from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.pipeline_runs.local import JobStore
 from ml_platform.sensors import REPORTING_JOB, REPORTING_MARKER, SENSOR_NAME
 from ml_platform.settings import Settings
+from tests.model_metrics import TRAINING_METRICS
 
 PNG = b"\x89PNG\r\n\x1a\nnot really a plot"
 
@@ -79,10 +80,10 @@ class World:
             plot = self.settings.data_dir / f"{job_id}.png"
             plot.parent.mkdir(parents=True, exist_ok=True)
             plot.write_bytes(PNG)
-            parameters = {"cutoff_date": "2013-10-01"}
+            parameters = {"cutoff_date": "2013-10-01", "champion_model_uri": ""}
             outputs = {
                 "model": {"uri": f"/models/{job_id}", "metadata": {"version": "sha256:abc"}},
-                "metrics": {"metadata": {"roc_auc": 0.78, "baseline_roc_auc": 0.69}},
+                "metrics": {"metadata": TRAINING_METRICS},
                 "evaluation_plot": {"uri": str(plot), "metadata": {}},
             }
         else:
@@ -117,6 +118,7 @@ class World:
         resources = {
             "pipeline_runner": self.defs.resources["pipeline_runner"],
             "artifacts": self.defs.resources["artifacts"],
+            "model_registry": self.defs.resources["model_registry"],
             "alerts": self.alerts,
         }
         context = dg.build_sensor_context(
@@ -199,7 +201,7 @@ def test_a_job_it_cannot_read_is_reported_once_and_skipped(world):
 def test_a_bug_of_ours_fails_the_tick_loudly_and_marks_nothing_handled(world, monkeypatch):
     job_id = world.add_job(day="2013-12-01")
 
-    def broken(job):  # a programming error in our own code, not a job we cannot read
+    def broken(*_):  # a programming error in our own code, not a job we cannot read
         raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
 
     monkeypatch.setattr(sensors, "predictions_metadata", broken)
@@ -246,16 +248,26 @@ def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(world):
     job_id = world.add_job(pipeline="flight-delay-training")
     result = world.tick()
     assert run_keys(result) == []  # a new model does not change the reporting
-    materialization, check = result.asset_events
+    materialization, *checks = result.asset_events
     assert materialization.asset_key == dg.AssetKey("flight_delay_model")
     assert materialization.metadata["model_uri"].value == f"/models/{job_id}"
     assert materialization.metadata["beats_baseline"].value is True
     assert materialization.metadata["evaluation_plot"].value.startswith("![evaluation]")
-    assert check.check_name == "beats_baseline" and check.passed
-    # Predictions now score with it, as with a model trained by Dagster.
-    from ml_platform.assets.predictions import current_model
+    assert {(c.check_name, c.passed) for c in checks} == {
+        ("beats_baseline", True),
+        ("beats_champion", True),  # there was no champion
+    }
+    # It is registered and, the first model to beat the baseline, the champion: predictions
+    # now score with it, as with a model trained by Dagster.
+    from ml_platform.assets.predictions import champion
 
-    assert current_model(world.instance)["model_uri"].value == f"/models/{job_id}"
+    registry = world.defs.resources["model_registry"]
+    assert champion(registry).artifact_uri == f"/models/{job_id}"
+    assert materialization.metadata["registry_version"].value == champion(registry).version
+    # A tick evaluated again (it failed after registering) registers nothing new.
+    world.cursor = None
+    world.tick()
+    assert len(registry.list_versions()) == 1
 
 
 def test_a_job_whose_end_is_recorded_late_is_caught_by_the_lookback(world):
