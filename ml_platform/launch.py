@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
+from ml_platform.pipelines.model import MAX_ITER
 from ml_platform.resources.pipeline_runs import (
     JobRequest,
     make_job_id,
@@ -98,15 +99,20 @@ def inputs_digest(template: TemplateVersion, parameters: dict[str, Any]) -> str:
 
 
 def training_parameters(
-    settings: Settings, warehouse_uri: str, cutoff: date, champion_model_uri: str = ""
+    settings: Settings,
+    warehouse_uri: str,
+    cutoff: date,
+    champion_model_uri: str = "",
+    max_iter: int = MAX_ITER,
 ) -> dict[str, Any]:
     """``champion_model_uri``: the current champion's artifact, re-scored on the challenger's
-    out-of-time window ("" when there is none)."""
+    out-of-time window ("" when there is none); ``max_iter``: boosting iterations at most."""
     return {
         "warehouse_uri": warehouse_uri,
         "features_dataset": settings.dataset("features"),
         "cutoff_date": cutoff.isoformat(),
         "champion_model_uri": champion_model_uri,
+        "max_iter": max_iter,
     }
 
 

@@ -12,6 +12,7 @@ import dagster as dg
 
 from ml_platform.assets.pipeline_jobs import RETRY_POLICY, job_metadata, run_pipeline
 from ml_platform.launch import MODEL_ASSET, training_parameters
+from ml_platform.pipelines.model import MAX_ITER
 from ml_platform.resources.artifacts import ArtifactStore
 from ml_platform.resources.model_registry import (
     CHAMPION,
@@ -43,6 +44,7 @@ FIGURES = [
 
 class TrainingConfig(dg.Config):
     cutoff_date: str | None = None  # flights before it train and evaluate; default: settings
+    max_iter: int = MAX_ITER  # boosting iterations at most (early stopping may end sooner)
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,11 @@ def build_model_asset(settings: Settings) -> dg.AssetsDefinition:
             runner=pipeline_runner,
             templates=templates,
             parameters=training_parameters(
-                settings, warehouse.uri, cutoff, champion.artifact_uri if champion else ""
+                settings,
+                warehouse.uri,
+                cutoff,
+                champion.artifact_uri if champion else "",
+                max_iter=config.max_iter,
             ),
         )
         metadata, checks = record_training(

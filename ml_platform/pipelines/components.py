@@ -54,7 +54,7 @@ def load_training_data(
 
 
 @component
-def train_model(train: Input[Dataset], model: Output[Model]):
+def train_model(train: Input[Dataset], max_iter: int, model: Output[Model]):
     """Fit the gradient-boosted classifier on the train split."""
     import pandas as pd
     import sklearn
@@ -62,7 +62,7 @@ def train_model(train: Input[Dataset], model: Output[Model]):
     from ml_platform.pipelines import model as flight_model
 
     rows = pd.read_parquet(train.path)
-    estimator = flight_model.train_model(rows)
+    estimator = flight_model.train_model(rows, max_iter=max_iter)
     model.metadata["version"] = flight_model.save_model(estimator, model.path)
     model.metadata["framework"] = f"scikit-learn {sklearn.__version__}"
     model.metadata["features"] = list(flight_model.FEATURES)

@@ -12,6 +12,7 @@ from ml_platform.pipelines.components import (
     score_flights,
     train_model,
 )
+from ml_platform.pipelines.model import MAX_ITER
 
 
 class TrainingOutputs(NamedTuple):
@@ -41,6 +42,7 @@ def training_pipeline(
     features_dataset: str,
     cutoff_date: str,
     champion_model_uri: str = "",
+    max_iter: int = MAX_ITER,
     training_table: str = "training_data",
 ) -> TrainingOutputs:
     data = load_training_data(
@@ -51,7 +53,7 @@ def training_pipeline(
     )
     # It reads the warehouse, whose rows can change under the same arguments: never cached.
     data.set_caching_options(False)
-    trained = train_model(train=data.outputs["train"])
+    trained = train_model(train=data.outputs["train"], max_iter=max_iter)
     trained.set_cpu_limit("4").set_memory_limit("16G")
     evaluated = evaluate_model(
         model=trained.outputs["model"],

@@ -32,6 +32,8 @@ NUMERIC_FEATURES = (
 FEATURES = CATEGORICAL_FEATURES + NUMERIC_FEATURES
 # The baseline: the historical delay rate of the flight's carrier at its scheduled hour.
 BASELINE_KEYS = ("carrier", "sched_dep_hour")
+# Boosting iterations at most (early stopping usually ends sooner): a training parameter.
+MAX_ITER = 300
 # The out-of-time window: the last weeks before the cutoff, held out of training entirely and
 # scored as the days after the cutoff will be. A random per-flight split (the test split)
 # shares days, weather and schedules with training, so it flatters the model.
@@ -123,7 +125,7 @@ def _feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return features
 
 
-def train_model(train: pd.DataFrame, *, random_state: int = 0):
+def train_model(train: pd.DataFrame, *, random_state: int = 0, max_iter: int = MAX_ITER):
     """A gradient-boosted classifier; categorical columns are encoded inside the pipeline."""
     import numpy as np
     from sklearn.compose import ColumnTransformer
@@ -149,7 +151,7 @@ def train_model(train: pd.DataFrame, *, random_state: int = 0):
         verbose_feature_names_out=False,
     ).set_output(transform="pandas")
     classifier = HistGradientBoostingClassifier(
-        max_iter=300,
+        max_iter=max_iter,
         learning_rate=0.1,
         max_leaf_nodes=63,
         categorical_features=list(CATEGORICAL_FEATURES),

@@ -171,7 +171,7 @@ def test_the_components_as_plain_functions(tmp_path: Path):
     assert fingerprint.startswith("sha256:")
     assert components.load_training_data.python_func(**loaded) == (fingerprint,)  # same rows
     model = artifact(Model, tmp_path / "model")
-    components.train_model.python_func(train=train, model=model)
+    components.train_model.python_func(train=train, max_iter=300, model=model)
     assert model.metadata["version"].startswith("sha256:")
     metrics, plot = artifact(Metrics, tmp_path / "metrics"), artifact(Artifact, tmp_path / "plot")
     evaluation = dict(model=model, train=train, test=test, validation=validation)
