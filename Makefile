@@ -28,7 +28,7 @@ test: install
 	$(UV) run pytest
 
 dev: install
-	$(UV) run dagster dev
+	$(UV) run dg dev -w workspace.yaml
 
 bench: install
 	$(UV) run python bench/run_all.py

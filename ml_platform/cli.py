@@ -58,7 +58,7 @@ def materialize(settings: Settings, days: int) -> int:
     env = child_environment(settings)
     workspace = PROJECT_DIR / "workspace.yaml"
 
-    def run(log, daemon, jobs: list[tuple[str, str | None]]) -> list[str]:
+    def run(log, daemon, jobs: list[tuple[str, str | tuple[str, str] | None]]) -> list[str]:
         # The terminal gets progress and a summary; the daemon's and the runs' output go to
         # the log file, and every event is in the instance (`make dev`).
         run_ids = launch(jobs, workspace=workspace, location="ml_platform", env=env, log=log)
@@ -81,8 +81,9 @@ def materialize(settings: Settings, days: int) -> int:
                 print("1/3 ingest, dbt features, flight_delay_model", flush=True)
                 run(log, daemon, [("train_flight_delay_model", None)])
                 print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
-                days = [("score_flights", day.isoformat()) for day in window]
-                scored = run(log, daemon, days)
+                # One run and one pipeline job for the whole window (a single-run backfill).
+                days = (window[0].isoformat(), window[-1].isoformat())
+                scored = run(log, daemon, [("score_flights", days if len(window) > 1 else days[0])])
                 print("3/3 dbt reporting models", flush=True)
                 # A refresh the completion sensor requested after the last day ended counts.
                 last = instance.get_run_record_by_id(scored[-1]).end_time
@@ -253,8 +254,13 @@ def run_command(settings: Settings, args) -> int:
                 )
             model_uri = champion.artifact_uri
             print(f"model: {MODEL_NAME} version {champion.version} ({CHAMPION}): {model_uri}")
-        asset, partition = launch.PREDICTIONS_ASSET, args.date.isoformat()
-        parameters = launch.prediction_parameters(settings, warehouse_uri, args.date, model_uri)
+        days = [(args.date + timedelta(days=i)).isoformat() for i in range(args.days)]
+        if not all(DAILY_2013.has_partition_key(day) for day in days):
+            raise SystemExit(f"--days {args.days}: {days[-1]} is past the end of 2013")
+        asset, partition = launch.PREDICTIONS_ASSET, launch.partition_label(days)
+        parameters = launch.prediction_parameters(
+            settings, warehouse_uri, args.date, model_uri, args.days
+        )
     request = launch.job_request(
         settings,
         templates,
@@ -430,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     publish_.add_argument("--pipeline", **names)
     run_ = actions.add_parser("run", help="run a pipeline job outside Dagster")
     run_.add_argument("pipeline", choices=["training", "prediction"])
-    run_.add_argument("--date", type=date.fromisoformat, help="the day to score")
+    run_.add_argument("--date", type=date.fromisoformat, help="the (first) day to score")
+    run_.add_argument(
+        "--days", type=_positive, default=1, help="consecutive days from --date, one job"
+    )
     run_.add_argument("--cutoff", type=date.fromisoformat, help="train on flights before it")
     run_.add_argument("--model-uri", help="default: the model registry's champion")
     run_.add_argument("--no-wait", action="store_true", help="submit and return")

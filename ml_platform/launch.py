@@ -11,7 +11,8 @@ import hashlib
 import json
 import tempfile
 import uuid
-from datetime import date
+from collections.abc import Mapping, Sequence
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +118,26 @@ def training_parameters(
 
 
 def prediction_parameters(
-    settings: Settings, warehouse_uri: str, day: date, model_uri: str
+    settings: Settings, warehouse_uri: str, day: date, model_uri: str, days: int = 1
 ) -> dict[str, Any]:
+    """``days`` consecutive days from ``day``: a backfill of a range is one job."""
     return {
         "warehouse_uri": warehouse_uri,
         "features_dataset": settings.dataset("features"),
         "predictions_dataset": settings.dataset("predictions"),
         "predictions_table": PREDICTIONS_TABLE,
         "flight_date": day.isoformat(),
+        "days": days,
         "model_uri": model_uri,
     }
+
+
+def scored_days(parameters: Mapping[str, Any]) -> list[str]:
+    """The days a prediction job scores (jobs from before ranges name one day)."""
+    first = date.fromisoformat(parameters["flight_date"])
+    return [(first + timedelta(days=i)).isoformat() for i in range(int(parameters.get("days", 1)))]
+
+
+def partition_label(days: Sequence[str]) -> str:
+    """A job's partition label: the day, or ``first..last`` for a range."""
+    return days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}"

@@ -265,7 +265,7 @@ class QueueDaemon:
 
 
 def launch(
-    jobs: Sequence[tuple[str, str | None]],
+    jobs: Sequence[tuple[str, str | tuple[str, str] | None]],
     *,
     workspace: Path,
     location: str,
@@ -273,7 +273,9 @@ def launch(
     log: IO[str],
 ) -> list[str]:
     """Submit runs of ``(job, partition)`` to the instance's queue, in this order, through
-    Dagster's GraphQL API (`dagster-graphql`, the UI's own way); returns their run ids."""
+    Dagster's GraphQL API (`dagster-graphql`, the UI's own way); returns their run ids. A
+    partition ``(first, last)`` is a range, one run for all of it, as the UI launches a
+    single-run backfill."""
     document = "mutation Launch({}) {{ {} }}".format(
         ", ".join(f"$p{i}: ExecutionParams!" for i in range(len(jobs))),
         " ".join(
@@ -285,7 +287,10 @@ def launch(
     variables: dict[str, Any] = {}
     for i, (job, partition) in enumerate(jobs):
         tags = [{"key": SUBMITTER_TAG, "value": _this_process()}]
-        if partition:
+        if isinstance(partition, tuple):
+            tags.append({"key": "dagster/asset_partition_range_start", "value": partition[0]})
+            tags.append({"key": "dagster/asset_partition_range_end", "value": partition[1]})
+        elif partition:
             tags.append({"key": "dagster/partition", "value": partition})
         variables[f"p{i}"] = {
             "selector": {
@@ -315,7 +320,8 @@ def launch(
     for i, (job, partition) in enumerate(jobs):
         result = answer["data"][f"r{i}"]
         if result["__typename"] != "LaunchRunSuccess":
-            what = f"{job} [{partition}]" if partition else job
+            what = f"{job} [{'..'.join(partition) if isinstance(partition, tuple) else partition}]"
+            what = what if partition else job
             raise LaunchError(f"could not launch {what}: {result.get('message', result)}")
         run_ids.append(result["run"]["runId"])
     return run_ids

@@ -38,8 +38,15 @@ from ml_platform.assets.predictions import (
     PREDICTIONS_KEY,
     predictions_metadata,
     registry_version_of,
+    rows_by_day,
 )
-from ml_platform.launch import MODEL_ASSET, PIPELINE_OF_ASSET, PREDICTIONS_ASSET
+from ml_platform.launch import (
+    MODEL_ASSET,
+    PIPELINE_OF_ASSET,
+    PREDICTIONS_ASSET,
+    partition_label,
+    scored_days,
+)
 from ml_platform.resources.alerts import Alerts
 from ml_platform.resources.artifacts import ArtifactError, ArtifactStore
 from ml_platform.resources.model_registry import ModelRegistry
@@ -254,8 +261,10 @@ def predicted(
     registry: ModelRegistry,
 ) -> Outcome:
     """One refresh of the reporting. A job started outside Dagster is first recorded on its
-    partition; one a Dagster run started waits for that run, which may refresh it itself."""
-    partition = job.parameters.get("flight_date") or job.labels.get("partition")
+    partitions (each day it scored, with its own row count); one a Dagster run started waits
+    for that run, which may refresh it itself."""
+    days = _days_of(job)
+    partition = partition_label(days) if days else None
     run_id = _started_by(job)
     events: tuple[dg.AssetMaterialization, ...] = ()
     if run_id:
@@ -264,15 +273,34 @@ def predicted(
         if reporting_covers(context.instance, job.end_time):
             context.log.info(f"{job.job_id}: the reporting was or will be refreshed after it")
             return NOTHING
-    elif partition in _partition_keys():
+    elif days and set(days) <= _partition_keys():
         full = runner.get(job.job_id) or job
         version = registry_version_of(registry, full.parameters.get("model_uri", ""))
         metadata = predictions_metadata(full, version)
-        events = (dg.AssetMaterialization(PREDICTIONS_KEY, partition=partition, metadata=metadata),)
+        written = rows_by_day(full)
+        events = tuple(
+            dg.AssetMaterialization(
+                PREDICTIONS_KEY,
+                partition=day,
+                metadata={**metadata, "dagster/row_count": written.get(day, 0)},
+            )
+            for day in days
+        )
     else:
         context.log.warning(f"{job.job_id}: {partition!r} is not a partition; not recorded")
     context.log.info(f"{job.job_id} ({PREDICTIONS_ASSET} {partition}): refreshing reporting")
     return Outcome(run_requests=(_reporting_request(job, partition),), asset_events=events)
+
+
+def _days_of(job: PipelineJob) -> list[str]:
+    """The days a prediction job scored, from its parameters (else its partition label)."""
+    if "flight_date" in job.parameters:
+        try:
+            return scored_days(job.parameters)
+        except ValueError:
+            return [str(job.parameters["flight_date"])]  # not a date: reported as such
+    label = job.labels.get("partition")
+    return [label] if label else []
 
 
 def automation_defaults(settings: Settings, description: str) -> dict[str, Any]:
@@ -347,7 +375,7 @@ def build_completion_sensor(settings: Settings) -> dg.SensorDefinition:
                     cursor.waiting[job.job_id] = job.end_time.timestamp()
                     continue
                 context.log.warning(f"{job.job_id}: its Dagster run never finished; refreshing")
-                partition = job.parameters.get("flight_date")
+                partition = partition_label(_days_of(job)) if _days_of(job) else None
                 outcome = Outcome(run_requests=(_reporting_request(job, partition),))
             if run_requests and _started_by(job):
                 # A job of a Dagster run: the refresh this tick already requests starts after it.

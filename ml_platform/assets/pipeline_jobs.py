@@ -1,13 +1,14 @@
 """How an asset runs a Kubeflow pipeline: template, job id, labels, metadata. Shared by
 the model and the predictions assets so both behave the same on every backend."""
 
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
-from ml_platform.launch import job_request
+from ml_platform.launch import job_request, partition_label
 from ml_platform.resources.pipeline_runs import (
     FAILURE_STATES,
     PipelineJob,
@@ -41,7 +42,7 @@ def run_pipeline(
         settings,
         templates,
         asset=context.asset_key.to_user_string(),
-        partition=context.partition_key if context.has_partition_key else None,
+        partition=partition_label(partitions_of(context)) if partitions_of(context) else None,
         parameters=parameters,
         dagster_run_id=run.run_id,
         lineage=run.root_run_id or run.run_id,
@@ -51,19 +52,37 @@ def run_pipeline(
         f"template {request.pipeline}:{settings.template_tag} is {request.template.version}"
     )
     try:
-        return runner.run(request, log=context.log)
+        job = runner.run(request, log=context.log)
     except PipelineJobError as error:
         if error.job is not None and error.job.state in FAILURE_STATES:
+            show_job_log(runner, error.job)
             # The job ran and failed: its error says why, and running it again would not help.
             raise dg.Failure(str(error), allow_retries=False) from error
         raise
+    show_job_log(runner, job)
+    return job
+
+
+def show_job_log(runner: PipelineRunner, job: PipelineJob) -> None:
+    """The ended job's own log, copied into the step's stderr, which the Dagster UI shows
+    (the ``log`` link of a local job opens it there)."""
+    text = runner.job_log(job.job_id)
+    if text:
+        print(f"--- log of pipeline job {job.job_id} ---\n{text}", file=sys.stderr, flush=True)
+
+
+def partitions_of(context: dg.AssetExecutionContext) -> list[str]:
+    """The partitions the step materializes: one, a range (a single-run backfill), or none."""
+    if context.has_partition_key_range or context.has_partition_key:
+        return list(context.partition_keys)
+    return []
 
 
 def _inputs_changed(context: dg.AssetExecutionContext) -> datetime:
     """The latest materialization of the asset (its partition) or of an asset it reads: a job
     of the same work that succeeded after it computed what this step would compute now."""
     instance, key = context.instance, context.asset_key
-    partitions = [context.partition_key] if context.has_partition_key else None
+    partitions = partitions_of(context) or None
     own = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
     ).records

@@ -115,32 +115,53 @@ def score_flights(
     predictions_dataset: str,
     predictions_table: str,
     flight_date: str,
+    days: int,
     pipeline_job: str,
-) -> NamedTuple("Scoring", rows=int, mean_probability=float, model_version=str):
-    """Score every flight of one day and replace that day's predictions atomically."""
+) -> NamedTuple("Scoring", rows=int, rows_by_day=dict, mean_probability=float, model_version=str):
+    """Score every flight of ``days`` days from ``flight_date`` (a backfill is one job) and
+    replace each day's predictions atomically, day by day."""
     from collections import namedtuple
     from datetime import date, timedelta
+
+    import pandas as pd
 
     from ml_platform.pipelines import model as flight_model
     from ml_platform.resources.backends import open_warehouse
 
     # The model is read first: an unreadable artifact fails before the warehouse is touched.
     estimator, model_version = flight_model.load_model(model.path)
-    day = date.fromisoformat(flight_date)
+    first = date.fromisoformat(flight_date)
+    if days < 1:
+        raise ValueError(f"days must be at least 1, not {days}")
     warehouse = open_warehouse(warehouse_uri)
+    # One read for the whole range; each day is then scored and written on its own.
     features = warehouse.read_table(
         features_dataset,
         features_table,
         date_column=flight_model.DATE,
-        start=day,
-        end=day + timedelta(days=1),
+        start=first,
+        end=first + timedelta(days=days),
     )
-    predictions = flight_model.score_flights(estimator, model_version, features, day, pipeline_job)
-    rows = warehouse.replace_partition(
-        predictions_dataset, predictions_table, flight_model.DATE, day, predictions
-    )
-    probabilities = predictions.column("delay_probability").to_pylist()
-    mean = sum(probabilities) / len(probabilities) if probabilities else 0.0
-    return namedtuple("Scoring", ["rows", "mean_probability", "model_version"])(
-        rows, mean, model_version
+    by_day = {
+        day: rows
+        for day, rows in features.groupby(pd.to_datetime(features[flight_model.DATE]).dt.date)
+    }
+    rows_by_day: dict[str, int] = {}
+    total, weighted = 0, 0.0
+    for offset in range(days):
+        day = first + timedelta(days=offset)
+        day_features = by_day.get(day, features.iloc[0:0])
+        predictions = flight_model.score_flights(
+            estimator, model_version, day_features, day, pipeline_job
+        )
+        rows = warehouse.replace_partition(
+            predictions_dataset, predictions_table, flight_model.DATE, day, predictions
+        )
+        rows_by_day[day.isoformat()] = rows
+        probabilities = predictions.column("delay_probability").to_pylist()
+        total += len(probabilities)
+        weighted += sum(probabilities)
+    mean = weighted / total if total else 0.0
+    return namedtuple("Scoring", ["rows", "rows_by_day", "mean_probability", "model_version"])(
+        sum(rows_by_day.values()), rows_by_day, mean, model_version
     )

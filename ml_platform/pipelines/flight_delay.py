@@ -27,6 +27,7 @@ class TrainingOutputs(NamedTuple):
 
 class PredictionOutputs(NamedTuple):
     rows: int
+    rows_by_day: dict
     mean_probability: float
     model_version: str
 
@@ -75,8 +76,8 @@ def training_pipeline(
 
 @dsl.pipeline(
     name=PREDICTION_PIPELINE,
-    description="Score every flight of one day with a trained model and replace that day's "
-    "rows in the predictions table.",
+    description="Score every flight of one or more consecutive days with a trained model and "
+    "replace each day's rows in the predictions table.",
 )
 def prediction_pipeline(
     warehouse_uri: str,
@@ -84,6 +85,7 @@ def prediction_pipeline(
     predictions_dataset: str,
     flight_date: str,
     model_uri: str,
+    days: int = 1,
     features_table: str = "flight_features",
     predictions_table: str = "flight_delay_predictions",
 ) -> PredictionOutputs:
@@ -96,12 +98,14 @@ def prediction_pipeline(
         predictions_dataset=predictions_dataset,
         predictions_table=predictions_table,
         flight_date=flight_date,
+        days=days,
         pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     )
     # It writes to the warehouse: a cached result would skip the write.
     scored.set_caching_options(False)
     return PredictionOutputs(
         rows=scored.outputs["rows"],
+        rows_by_day=scored.outputs["rows_by_day"],
         mean_probability=scored.outputs["mean_probability"],
         model_version=scored.outputs["model_version"],
     )

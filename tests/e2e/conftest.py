@@ -241,7 +241,8 @@ def dagster_dev(scratch_project: ScratchProject, tmp_path: Path) -> Iterator[Dag
     """`dagster dev` on the scratch project, in its own process group; always stopped."""
     port = free_port()
     server = DagsterDev(f"http://127.0.0.1:{port}", scratch_project, tmp_path / "dagster_dev.log")
-    command = [str(VENV_BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1"]
+    # What `make dev` runs (dg dev: `dagster dev` warns that it is superseded).
+    command = [str(VENV_BIN / "dg"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1"]
     with server.log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _WITH_DEFAULT_SIGINT, *command, "-p", str(port)],

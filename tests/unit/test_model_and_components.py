@@ -199,14 +199,27 @@ def test_the_components_as_plain_functions(tmp_path: Path):
         predictions_dataset="predictions",
         predictions_table="flight_delay_predictions",
         flight_date="2013-10-02",
+        days=1,
         pipeline_job="job-1",
     )
-    rows, mean, version = components.score_flights.python_func(**scoring)
+    rows, by_day, mean, version = components.score_flights.python_func(**scoring)
     expected = (frame.flight_date == date(2013, 10, 2)).sum()
-    assert rows == expected and 0 < mean < 1 and version == model.metadata["version"]
+    assert rows == expected and by_day == {"2013-10-02": expected}
+    assert 0 < mean < 1 and version == model.metadata["version"]
     # Scoring the day again replaces its rows.
     components.score_flights.python_func(**scoring)
-    count = warehouse.row_count(
-        "predictions", "flight_delay_predictions", column="flight_date", value=date(2013, 10, 2)
-    )
-    assert count == expected
+
+    def stored(day: date) -> int:
+        return warehouse.row_count(
+            "predictions", "flight_delay_predictions", column="flight_date", value=day
+        )
+
+    assert stored(date(2013, 10, 2)) == expected
+    # A range is one call: each day replaced on its own, each with its own count.
+    rows, by_day, _, _ = components.score_flights.python_func(**{**scoring, "days": 3})
+    expected_by_day = {
+        day.isoformat(): int((frame.flight_date == day).sum())
+        for day in (date(2013, 10, 2), date(2013, 10, 3), date(2013, 10, 4))
+    }
+    assert by_day == expected_by_day and rows == sum(expected_by_day.values())
+    assert {day: stored(date.fromisoformat(day)) for day in by_day} == expected_by_day

@@ -197,6 +197,11 @@ class PipelineRunner(ABC):
         callers keep a margin (the sensor does).
         """
 
+    def job_log(self, job_id: str) -> str | None:
+        """The job's own log, if this backend keeps it on this machine (the local one does;
+        Vertex AI's is in Cloud Logging, its ``logs`` link). None otherwise."""
+        return None
+
     # -- what every backend shares ---------------------------------------------------
 
     def run(

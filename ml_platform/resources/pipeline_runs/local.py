@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from ml_platform.resources.local_files import SqliteFile, write_atomically
 from ml_platform.resources.pipeline_runs import (
@@ -188,8 +189,31 @@ def to_pipeline_job(row: sqlite3.Row) -> PipelineJob:
         parameters=json.loads(row["parameters"]),
         outputs=json.loads(row["outputs"]),
         error=row["error"],
-        links={"log": Path(row["log_path"]).as_uri()},
+        links=job_links(json.loads(row["labels"]), row["log_path"]),
     )
+
+
+def job_links(labels: Mapping[str, str], log_path: str) -> dict[str, str]:
+    """Where a person reads a local job's log (the ``log`` link of its materialization).
+
+    A job a Dagster run started: that run's page in the Dagster UI that shows the link, on
+    the stderr its step wrote (the step selected as a click on it selects it, ``name:"…"``,
+    which makes the page open the step's captured output): the Dagster webserver serves no
+    file but its compute logs, and a browser does not follow a ``file://`` link from an http
+    page. Relative to the webserver, so it is right on whatever host and port ``dagster dev``
+    listens. A job started outside Dagster (the CLI): no Dagster page shows it, so its file,
+    for the terminal that started it.
+    """
+    run_id = labels.get("dagster_run_id")
+    if not run_id:
+        return {"log": Path(log_path).as_uri()}
+    query = {"logType": "stderr"}
+    if labels.get("asset"):
+        # The asset label is the asset key, sanitized: "/" between its parts became "-";
+        # its step (op) joins them with "__".
+        step = labels["asset"].replace("-", "__")
+        query["selection"] = f'name:"{step}"'
+    return {"log": f"/runs/{quote(run_id)}?{urlencode(query)}"}
 
 
 def hold_worker_lock(job_dir: Path) -> int:
@@ -380,6 +404,15 @@ class LocalPipelineRunner(PipelineRunner):
             return None
         self._reap(job_id)
         return to_pipeline_job(self._check_worker(row))
+
+    def job_log(self, job_id: str) -> str | None:
+        row = self.store.row(job_id)
+        if row is None:
+            return None
+        try:
+            return Path(row["log_path"]).read_text(errors="replace")
+        except OSError:
+            return None
 
     def cancel(self, job_id: str) -> None:
         row = self.store.row(job_id)
