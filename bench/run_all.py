@@ -11,5 +11,6 @@ for script in (
     "p3_sensor_tick.py",
     "p4_vertex_polling.py",
     "p5_dbt_parse.py",
+    "p7_dbt_steps.py",
 ):
     subprocess.run([sys.executable, str(here / script)], check=True, cwd=here)

@@ -1,5 +1,14 @@
 """The dbt project as Dagster assets: staging + features before the model, reporting after
-the predictions. dbt tests become asset checks; dbt sources map to the Python assets.
+the predictions. dbt tests become asset checks (each with a description, see describe_test);
+dbt sources map to the Python assets. Materializations carry row counts, column types and
+column lineage (dagster-dbt's fetches on the event stream, see build_dbt_assets).
+
+What a dbt step spends besides dbt's own work (bench/p7_dbt_steps.py): dagster-dbt runs
+`dbt --version` (2.0 s here: it imports dbt and asks PyPI for the latest releases) once per
+DbtCliResource instance, i.e. once per run (in-process executor) or step process
+(multiprocess), before its first command (`DbtCliResource._cli_version`, a cached property
+that `cli()` always reads); neither a constructor argument, nor a setting, nor an
+environment variable of dagster-dbt 0.29 skips it, so it stays.
 
 How dbt-bigquery authenticates: dbt runs as a subprocess and builds its own Google
 credentials from the profile, so it cannot share the code location's Python credentials
@@ -14,6 +23,7 @@ before it starts, in one environment variable of its own process only (`start_db
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -149,6 +159,50 @@ def start_dbt(
         return dbt.cli(args, context=context, target_path=target_path)
 
 
+def _relation(expression: str) -> str:
+    """`ref('flight_features')` -> flight_features, `source('raw', 'flights')` -> raw.flights."""
+    names = re.findall(r"""['"]([^'"]+)['"]""", expression)
+    return ".".join(names) or expression
+
+
+def describe_test(test: Mapping[str, Any]) -> str:
+    """What a dbt test checks, in a line: its own description when the YAML gives one (dbt's
+    `description`, or dagster-dbt's `meta.description`), else one made from the generic
+    test's name and arguments: "not_null on flight_key", "accepted_values [train, test] on
+    split", "value_between 1..12 on month", "relationships on carrier to
+    stg_airlines.carrier"."""
+    given = test.get("description") or test.get("meta", {}).get("description")
+    if given:
+        return " ".join(given.split())
+    metadata = test.get("test_metadata") or {}
+    if not metadata:  # a singular test (tests/*.sql) with no YAML description
+        return f"singular test {test['name']} ({test['original_file_path']})"
+    kwargs = dict(metadata.get("kwargs") or {})
+    kwargs.pop("model", None)
+    column = kwargs.pop("column_name", None)
+    name = metadata["name"]
+    on = f"on {column}" if column else ""
+    if name == "accepted_values":
+        words = [name, f"[{', '.join(str(value) for value in kwargs.pop('values', []))}]", on]
+    elif name == "value_between":
+        low, high = kwargs.pop("min_value", None), kwargs.pop("max_value", None)
+        bounds = (
+            f"{low}..{high}" if low is not None and high is not None
+            else f">= {low}" if low is not None else f"<= {high}"
+        )  # fmt: skip
+        words = [name, bounds, on]
+    elif name == "relationships":
+        to, field = _relation(kwargs.pop("to", "")), kwargs.pop("field", "")
+        words = [name, on, f"to {to}.{field}"]
+    elif name == "unique_combination_of_columns":
+        words = [name, f"({', '.join(kwargs.pop('combination_of_columns', []))})", on]
+    else:
+        words = [name, on]
+    # Arguments not spelled out above, as they are.
+    words += [f"{key}={value}" for key, value in kwargs.items()]
+    return " ".join(word for word in words if word)
+
+
 class Translator(DagsterDbtTranslator):
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
         # Models are grouped by their folder: staging, features, reporting.
@@ -156,8 +210,80 @@ class Translator(DagsterDbtTranslator):
             return dbt_resource_props["fqn"][1]
         return super().get_group_name(dbt_resource_props)
 
+    def get_asset_check_spec(
+        self,
+        asset_spec: dg.AssetSpec,
+        manifest: Mapping[str, Any],
+        unique_id: str,
+        project: DbtProject | None,
+    ) -> dg.AssetCheckSpec | None:
+        # dagster-dbt describes a check only with the test's meta.description, which none of
+        # ours has: the UI said "No description provided" for every one.
+        spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
+        if spec is None or spec.description:
+            return spec
+        return dg.AssetCheckSpec(
+            name=spec.name,
+            asset=spec.asset_key,
+            description=describe_test(manifest["nodes"][unique_id]),
+            additional_deps=spec.additional_deps,
+            blocking=spec.blocking,
+            metadata=spec.metadata,
+            automation_condition=spec.automation_condition,
+            partitions_def=spec.partitions_def,
+        )
 
-def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
+
+def names_our_tables(
+    manifest: Mapping[str, Any], settings: Settings, context: dg.AssetExecutionContext
+) -> bool:
+    """Whether the manifest was parsed for this deployment's warehouse and datasets.
+
+    dagster-dbt's row counts and column metadata query the relations the manifest names
+    (`relation_name`, database and schema), not those of the running dbt command. A manifest
+    parsed for another deployment names other tables: the image's is parsed at build time
+    for the local target (DuckDB, unsuffixed datasets), so on BigQuery the queries would fail
+    (logged as errors) or, worse, read another deployment's tables.
+    """
+    adapter = manifest.get("metadata", {}).get("adapter_type")
+    models = [node for node in manifest["nodes"].values() if node["resource_type"] == "model"]
+    schemas = {node["schema"] for node in models}
+    ours = adapter == ("duckdb" if settings.is_local else "bigquery")
+    ours = ours and schemas <= set(settings.datasets.values())
+    if not settings.is_local:  # and the Google Cloud project
+        ours = ours and {node["database"] for node in models} == {settings.gcp_project}
+    if not ours:
+        context.log.info(
+            f"The dbt manifest names {adapter} datasets {sorted(schemas)}, not this "
+            "deployment's: no row counts, column types or column lineage this time."
+        )
+    return ours
+
+
+def close_adapter(invocation: DbtCliInvocation) -> None:
+    """Close what the dbt adapter dagster-dbt made in this process holds open.
+
+    dbt-duckdb keeps its database open until the process ends (`keep_open`, its default in
+    1.11): after the fetches, this process would go on holding the warehouse file, opened
+    read-only, and the next step of a run (the in-process executor runs them all in one
+    process) could neither write to it nor open it with another configuration. dbt's own
+    end-of-command clean-up, then dbt-duckdb's (its exit hook), which lets the database go.
+    """
+    adapter = invocation.adapter
+    if adapter is None:
+        return
+    adapter.cleanup_connections()
+    close_all = getattr(type(adapter.connections), "close_all_connections", None)
+    if close_all is not None:  # dbt-duckdb
+        close_all()
+
+
+def build_dbt_assets(
+    settings: Settings, *, table_metadata: bool = True
+) -> list[dg.AssetsDefinition]:
+    """The two dbt assets. ``table_metadata``: whether their materializations carry row counts,
+    column types and column lineage, when the manifest names this deployment's tables (what
+    that costs: bench/p7_dbt_steps.py)."""
     dbt_vars = ["--vars", json.dumps(settings.dbt_vars)]
     # Source tests become checks on the Python assets they test (raw/*).
     translator = Translator(DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
@@ -186,7 +312,17 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
                     context=context,
                     target_path=target_path,
                 )
-                yield from invocation.stream()
+                events = invocation.stream()
+                if table_metadata and names_our_tables(invocation.manifest, settings, context):
+                    # Row counts (tables only) and column types and lineage, read through
+                    # dbt's adapter in this process once each model is built. With DuckDB,
+                    # once dbt has exited and released the file: dagster-dbt holds the
+                    # step's events until then. About 1 to 2 s a step (P7).
+                    events = events.fetch_row_counts().fetch_column_metadata()
+                try:
+                    yield from events
+                finally:
+                    close_adapter(invocation)
             # Every invocation gets a target folder of its own; once it has succeeded, its
             # logs and artifacts are in the run's logs, and the folders would pile up. A
             # failed invocation's folder stays, with the dbt.log its error message points to.
@@ -194,9 +330,12 @@ def build_dbt_assets(settings: Settings) -> list[dg.AssetsDefinition]:
             shutil.rmtree(target, ignore_errors=True)
 
         assets.__doc__ = description  # the op's description in the UI
+        # No `project=`: dagster-dbt would put the DbtProject object into every asset's
+        # metadata, which the UI shows as "[DbtProject] (unserializable)". Without it the
+        # commands run in the resource's project_dir (the same folder), and nothing else of
+        # ours needs it (no code references, no path selectors).
         return dbt_assets(
             manifest=DBT_PROJECT.manifest_path,
-            project=DBT_PROJECT,
             name=name,
             dagster_dbt_translator=translator,
             **selection,
