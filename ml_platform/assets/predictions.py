@@ -2,7 +2,7 @@
 
 import warnings
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
@@ -24,6 +24,9 @@ from ml_platform.resources.pipeline_runs import PipelineJob, PipelineRunner
 from ml_platform.resources.templates import TemplateRegistry
 from ml_platform.resources.warehouse import Warehouse
 from ml_platform.settings import Settings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PREDICTIONS_KEY = dg.AssetKey(PREDICTIONS_ASSET)
 DAILY_2013 = dg.DailyPartitionsDefinition(start_date="2013-01-01", end_date="2014-01-01")
@@ -55,28 +58,25 @@ CHECKS = {
 }
 
 
-def check_predictions(
-    warehouse: Warehouse, settings: Settings, days: list[str]
-) -> list[dg.AssetCheckResult]:
-    """The three checks over the scored days, read back from the warehouse (not from what
-    the job said it wrote)."""
+def rows_per_day(
+    warehouse: Warehouse, dataset: str, table: str, days: list[str]
+) -> tuple["pd.DataFrame", dict[str, int]]:
+    """The rows of ``days`` (one read for the range, however long) and their count by day."""
     first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
     rows = warehouse.read_table(
-        settings.dataset("predictions"),
-        PREDICTIONS_TABLE,
-        date_column="flight_date",
-        start=first,
-        end=last + timedelta(days=1),
+        dataset, table, date_column="flight_date", start=first, end=last + timedelta(days=1)
     )
+    counts = rows.groupby(rows["flight_date"].astype(str)).size().to_dict()
+    return rows, {day: int(counts.get(day, 0)) for day in days}
+
+
+def check_predictions(
+    rows: "pd.DataFrame", per_day: dict[str, int], flights: dict[str, int]
+) -> list[dg.AssetCheckResult]:
+    """The three checks over the scored days, on the rows read back from the warehouse (not
+    on what the job said it wrote), against the days' flights in the features."""
+    days = list(per_day)
     probability = rows["delay_probability"]
-    per_day = rows.groupby(rows["flight_date"].astype(str)).size().to_dict()
-    flights = {
-        day: warehouse.row_count(
-            settings.dataset("features"), "flight_features", column="flight_date",
-            value=date.fromisoformat(day),
-        )
-        for day in days
-    }  # fmt: skip
     off = {
         day: (per_day.get(day, 0), flights[day])
         for day in days
@@ -183,20 +183,19 @@ def _predictions_asset(settings: Settings, dataset: str) -> dg.AssetsDefinition:
             ),
         )
         written = rows_by_day(job)
+        rows, stored = rows_per_day(warehouse, dataset, PREDICTIONS_TABLE, days)
         for day in days:
-            stored = warehouse.row_count(
-                dataset, PREDICTIONS_TABLE, column="flight_date", value=date.fromisoformat(day)
-            )
-            if stored != written.get(day):
+            if stored[day] != written.get(day):
                 raise dg.Failure(
-                    f"{dataset}.{PREDICTIONS_TABLE} holds {stored} rows for {day}, "
+                    f"{dataset}.{PREDICTIONS_TABLE} holds {stored[day]} rows for {day}, "
                     f"but pipeline job {job.job_id} wrote {written.get(day)}"
                 )
-            context.add_asset_metadata({"dagster/row_count": stored}, partition_key=day)
+            context.add_asset_metadata({"dagster/row_count": stored[day]}, partition_key=day)
+        _, flights = rows_per_day(warehouse, settings.dataset("features"), "flight_features", days)
         metadata = predictions_metadata(job, model.version)
         del metadata["dagster/row_count"]  # each partition's own, above
         return dg.MaterializeResult(
-            metadata=metadata, check_results=check_predictions(warehouse, settings, days)
+            metadata=metadata, check_results=check_predictions(rows, stored, flights)
         )
 
     return flight_delay_predictions

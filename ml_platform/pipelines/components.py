@@ -146,21 +146,22 @@ def score_flights(
         day: rows
         for day, rows in features.groupby(pd.to_datetime(features[flight_model.DATE]).dt.date)
     }
-    rows_by_day: dict[str, int] = {}
-    total, weighted = 0, 0.0
+    parts = {}
     for offset in range(days):
         day = first + timedelta(days=offset)
         day_features = by_day.get(day, features.iloc[0:0])
-        predictions = flight_model.score_flights(
+        parts[day] = flight_model.score_flights(
             estimator, model_version, day_features, day, pipeline_job
         )
-        rows = warehouse.replace_partition(
-            predictions_dataset, predictions_table, flight_model.DATE, day, predictions
-        )
-        rows_by_day[day.isoformat()] = rows
-        probabilities = predictions.column("delay_probability").to_pylist()
-        total += len(probabilities)
-        weighted += sum(probabilities)
+    # Each day's rows replaced atomically (DuckDB: all days in one transaction).
+    written = warehouse.replace_partitions(
+        predictions_dataset, predictions_table, flight_model.DATE, parts
+    )
+    rows_by_day = {day.isoformat(): rows for day, rows in written.items()}
+    probabilities = [
+        p for part in parts.values() for p in part.column("delay_probability").to_pylist()
+    ]
+    total, weighted = len(probabilities), sum(probabilities)
     mean = weighted / total if total else 0.0
     return namedtuple("Scoring", ["rows", "rows_by_day", "mean_probability", "model_version"])(
         sum(rows_by_day.values()), rows_by_day, mean, model_version

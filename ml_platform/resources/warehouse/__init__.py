@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,16 @@ class Warehouse(ABC):
         Every row of ``data`` must carry that value, so re-running a day never duplicates
         rows and never touches another day. Returns the number of rows written.
         """
+
+    def replace_partitions(
+        self, dataset: str, table: str, column: str, parts: Mapping[date, pa.Table]
+    ) -> dict[date, int]:
+        """``replace_partition`` for several values: each one's rows atomically replaced
+        (a backend may do all of them in one transaction); returns the rows written each."""
+        return {
+            value: self.replace_partition(dataset, table, column, value, data)
+            for value, data in parts.items()
+        }
 
     @abstractmethod
     def read_table(

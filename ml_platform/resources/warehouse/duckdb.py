@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -169,6 +169,38 @@ class DuckDBWarehouse(Warehouse):
                 ) from error
             connection.unregister("incoming")
         return data.num_rows
+
+    def replace_partitions(
+        self, dataset: str, table: str, column: str, parts: Mapping[date, pa.Table]
+    ) -> dict[date, int]:
+        """All the values in one transaction: a backfill of 92 days takes one turn as a
+        writer, not 92."""
+        import pyarrow as pa
+
+        check_identifier(dataset, table, column)
+        if not parts:
+            return {}
+        for value, data in parts.items():
+            check_partition(data, f"{dataset}.{table}", column, value)
+        data = pa.concat_tables(parts.values())
+        with self._transaction() as connection:
+            connection.execute(f"CREATE SCHEMA IF NOT EXISTS {dataset}")
+            connection.register("incoming", data)
+            connection.execute(
+                f"CREATE TABLE IF NOT EXISTS {dataset}.{table} AS SELECT * FROM incoming LIMIT 0"
+            )
+            marks = ", ".join("?" for _ in parts)
+            connection.execute(
+                f"DELETE FROM {dataset}.{table} WHERE {column} IN ({marks})", list(parts)
+            )
+            try:
+                connection.execute(f"INSERT INTO {dataset}.{table} BY NAME SELECT * FROM incoming")
+            except Exception as error:
+                raise WarehouseError(
+                    f"rows do not fit {dataset}.{table} (columns {data.column_names}): {error}"
+                ) from error
+            connection.unregister("incoming")
+        return {value: part.num_rows for value, part in parts.items()}
 
     def read_table(
         self,
