@@ -82,6 +82,8 @@ class LocalModelRegistry(ModelRegistry):
             return self._version(db, str(version))
 
     def get(self, version_or_alias: str) -> ModelVersion | None:
+        if not self.path.exists():  # nothing registered yet: a look creates no file
+            return None
         with self._file.connect() as db:
             return self._version(db, version_or_alias)
 
@@ -97,6 +99,8 @@ class LocalModelRegistry(ModelRegistry):
             return self._version(db, version)
 
     def list_versions(self) -> list[ModelVersion]:
+        if not self.path.exists():
+            return []
         with self._file.connect() as db:
             rows = db.execute("SELECT * FROM model_versions ORDER BY version").fetchall()
             return [self._from_row(db, row) for row in rows]
