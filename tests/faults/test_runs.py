@@ -151,7 +151,10 @@ def test_materialize_again_after_its_whole_process_group_was_killed_mid_run(plac
         if run.tags.get(SUBMITTER_TAG, "").startswith(f"{killed.pid}:")
         and run.job_name == "score_flights"
     }
-    assert dg.DagsterRunStatus.FAILURE in {run.status for run in killed_runs.values()}
+    # The scoring run whose worker the signal reached fails; a worker outside the killed
+    # group (the code server's child) may also finish its run first: one run now scores the
+    # whole window, so it is often done before anyone notices its command is gone.
+    assert killed_runs
     assert {run.status for run in killed_runs.values()} <= {
         dg.DagsterRunStatus.FAILURE,
         dg.DagsterRunStatus.CANCELED,

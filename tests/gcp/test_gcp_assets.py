@@ -51,6 +51,7 @@ from google.cloud import storage
 from kfp.registry import ApiAuth
 
 from ml_platform.assets.model import BEATS_BASELINE, MODEL_KEY
+from ml_platform.assets.predictions import CHECKS as PREDICTION_CHECKS
 from ml_platform.assets.predictions import PREDICTIONS_KEY
 from ml_platform.definitions import build_definitions
 from ml_platform.launch import publish
@@ -340,8 +341,9 @@ class Platform:
         tests on them (score_flights; those run with refresh_reporting).
         """
         selection = dg.AssetSelection.assets(key)
-        if key == PREDICTIONS_KEY:
-            selection = selection.without_checks()
+        if key == PREDICTIONS_KEY:  # its own checks, not dbt's source tests on its table
+            own = [dg.AssetCheckKey(PREDICTIONS_KEY, name) for name in PREDICTION_CHECKS]
+            selection = selection.without_checks() | dg.AssetSelection.checks(*own)
         return dg.materialize(
             self.defs.assets,
             selection=selection,
@@ -460,6 +462,16 @@ def platform(
         bigquery_warehouse(bq_emulator.endpoint).replace_partition(
             PREDICTIONS, PREDICTIONS_TABLE, "flight_date", OTHER_DAY, other
         )
+        # The day's flights in the features, which the predictions' checks count against.
+        flights = pa.table(
+            {
+                "flight_key": [f"{DAY}|F{i}" for i in range(SCORED_FLIGHTS)],
+                "flight_date": pa.array([DAY] * SCORED_FLIGHTS, pa.date32()),
+            }
+        )
+        bigquery_warehouse(bq_emulator.endpoint).replace_partition(
+            FEATURES, "flight_features", "flight_date", DAY, flights
+        )
         yield Platform(
             settings,
             defs,
@@ -569,6 +581,7 @@ def test_model_job_goes_to_vertex_as_the_branchs_job(platform, trained):
         "features_dataset": FEATURES,
         "cutoff_date": "2013-10-01",
         "champion_model_uri": "",  # the first model: no champion to re-score
+        "max_iter": 300,
     }
     # The run looked the job up first, created it once and polled it until it ended.
     mine = [r for r in platform.vertex.requests if job_id in r.path or r is create]
@@ -667,6 +680,7 @@ def test_a_day_of_predictions_is_scored_on_vertex_into_the_branchs_dataset(platf
         "predictions_dataset": PREDICTIONS,
         "predictions_table": PREDICTIONS_TABLE,
         "flight_date": DAY.isoformat(),
+        "days": 1,  # one day: a backfill of a range would be one job with days=N
         "model_uri": model["model_uri"],
     }
 
