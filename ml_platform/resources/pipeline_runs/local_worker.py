@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,10 @@ def failure_message(error: BaseException, log_path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
+    # A worker lives in a session of its own, with no terminal: a SIGHUP is someone ending it
+    # on purpose, even when the command that started it ran under nohup (whose SIG_IGN every
+    # child would otherwise inherit, and the job would outlive the kill).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     store_path, job_id = argv
     store = JobStore(store_path)
     row = store.row(job_id)
