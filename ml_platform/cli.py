@@ -111,11 +111,11 @@ def materialize(settings: Settings, days: int) -> int:
         f"(champion: version {model['champion_version'].value or 'none'})"
     )
     print("  baseline: delay rate by carrier x scheduled hour")
-    for window, prefix in (
+    for evaluated_on, prefix in (
         (f"out of time (the {HOLDOUT_DAYS} days before the cutoff, never trained on)", "oot_"),
         ("test split (random flights of the earlier days: optimistic)", ""),
     ):
-        print(f"  {window}")
+        print(f"  {evaluated_on}")
         for label, name in FIGURES:
             model_value = model[f"{prefix}{name}"].value
             baseline_value = model[f"{prefix}baseline_{name}"].value
