@@ -49,6 +49,7 @@ from datetime import UTC
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from ml_platform.resources.google_api import api_errors, gapic_client
 from ml_platform.resources.model_registry import (
     MODEL_NAME,
     ModelRegistry,
@@ -180,17 +181,11 @@ class VertexModelRegistry(ModelRegistry):
     def _client(self) -> Any:
         from google.cloud.aiplatform_v1 import ModelServiceClient
 
-        credentials = self.credentials
-        if credentials is None and self.api_endpoint.startswith("http://"):
-            # A plain-HTTP endpoint is a local stand-in: a real token must never travel
-            # unencrypted (the same rule as the pipeline runner).
-            from google.auth.credentials import AnonymousCredentials
-
-            credentials = AnonymousCredentials()
-        return ModelServiceClient(
+        return gapic_client(
+            ModelServiceClient,
+            endpoint=self.api_endpoint,
+            credentials=self.credentials,
             transport=self.transport,
-            credentials=credentials,
-            client_options={"api_endpoint": self.api_endpoint},
         )
 
     def _backoff(self) -> Backoff:
@@ -245,12 +240,7 @@ class VertexModelRegistry(ModelRegistry):
 
     @staticmethod
     def _api_errors() -> tuple[type[BaseException], ...]:
-        import requests
-        from google.api_core import exceptions
-        from google.auth.exceptions import GoogleAuthError
-
-        # Credentials that cannot refresh (metadata server, federation) fail a call as well.
-        return (exceptions.GoogleAPIError, GoogleAuthError, requests.exceptions.RequestException)
+        return api_errors()
 
     def _get_model(self, name: str, action: str) -> Any | None:
         from google.api_core import exceptions

@@ -33,6 +33,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from ml_platform.resources.google_api import api_errors, gapic_client
 from ml_platform.resources.pipeline_runs import (
     JobAlreadyExistsError,
     JobRequest,
@@ -370,17 +371,11 @@ class VertexPipelineRunner(PipelineRunner):
     def _client(self) -> Any:
         from google.cloud.aiplatform_v1 import PipelineServiceClient
 
-        credentials = self.credentials
-        if credentials is None and self.api_endpoint.startswith("http://"):
-            # A plain-HTTP endpoint is a local stand-in: a real token must never travel
-            # unencrypted (the same rule as BigQueryWarehouse).
-            from google.auth.credentials import AnonymousCredentials
-
-            credentials = AnonymousCredentials()
-        return PipelineServiceClient(
+        return gapic_client(
+            PipelineServiceClient,
+            endpoint=self.api_endpoint,
+            credentials=self.credentials,
             transport=self.transport,
-            credentials=credentials,
-            client_options={"api_endpoint": self.api_endpoint},
         )
 
     @cached_property
@@ -408,12 +403,7 @@ class VertexPipelineRunner(PipelineRunner):
 
     @staticmethod
     def _api_errors() -> tuple[type[BaseException], ...]:
-        import requests
-        from google.api_core import exceptions
-        from google.auth.exceptions import GoogleAuthError
-
-        # Credentials that cannot refresh (metadata server, federation) fail a call as well.
-        return (exceptions.GoogleAPIError, GoogleAuthError, requests.exceptions.RequestException)
+        return api_errors()
 
     # -- the four primitives -------------------------------------------------------------
 
