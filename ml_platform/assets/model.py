@@ -31,8 +31,8 @@ BEATS_BASELINE = "beats_baseline"
 BEATS_CHAMPION = "beats_champion"
 CHALLENGER = "challenger"
 # How much worse than the champion, on the same out-of-time window, a challenger may be and
-# still be promoted: less than the spread of retraining on the same rows with another seed
-# (about 0.003 in ROC AUC here), so a retrain on fresher data is not refused for noise.
+# still be promoted, so a retrain on fresher data is not refused for noise (a chosen margin,
+# not a measured one).
 TOLERANCE = {"oot_roc_auc": 0.005, "oot_log_loss": 0.005}
 # The figures of the side-by-side table: (label, metric name).
 FIGURES = [
