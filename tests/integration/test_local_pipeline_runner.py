@@ -2,6 +2,8 @@
 # No `from __future__ import annotations`: kfp reads the component annotations as types.
 
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -147,17 +149,43 @@ def test_a_succeeded_job_nobody_recorded_is_taken_only_if_the_inputs_did_not_cha
 
 def test_an_interrupted_wait_cancels_the_job(backend):
     runner, _, template = backend
-
-    def interrupted(_: float) -> None:
-        time.sleep(1.0)  # let the worker start its component
-        raise KeyboardInterrupt  # what the Dagster step sees when its run is terminated
-
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(request(template, seconds=60.0), sleep=interrupted)
+    # A real SIGINT while the wait blocks on the worker: what the Dagster step sees when its
+    # run is terminated.
+    interrupt = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(request(template, seconds=60.0))
+    finally:
+        interrupt.cancel()
     job = runner.get("nap-1")
     assert job.state is JobState.CANCELLED
     assert job.end_time is not None
     assert not runner.worker_alive("nap-1")
+
+
+# A poll schedule that would look once an hour: a wait that follows it cannot end in a test.
+HOURLY = PollPolicy(initial_interval=3600, max_interval=3600, deadline=7200)
+
+
+def test_a_wait_ends_when_its_own_worker_ends_not_at_the_next_poll(backend, tmp_path):
+    _, registry, template = backend
+    runner = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry, HOURLY)
+    job = runner.run(request(template, seconds=1.0))
+    assert job.state is JobState.SUCCEEDED
+    with pytest.raises(PipelineJobError, match="the nap of 1.0 s went wrong"):
+        runner.run(request(template, "nap-2", seconds=1.0, fail=True))
+
+
+def test_a_wait_for_another_process_worker_ends_when_its_lock_is_released(backend, tmp_path):
+    _, registry, template = backend
+    submitter = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry)
+    submitter.submit(request(template, seconds=1.5))
+    # A retry in another process reattaches: it holds no worker of its own, only the lock.
+    other = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry, HOURLY)
+    job = other.run(request(template, seconds=1.5))
+    assert job.job_id == "nap-1" and job.state is JobState.SUCCEEDED
+    submitter.worker_alive("nap-1")  # reaps the finished child
 
 
 def test_the_deadline_fails_and_cancels_the_job(backend, tmp_path):

@@ -286,7 +286,7 @@ class PipelineRunner(ABC):
                         "and requested cancellation",
                         job,
                     )
-                sleep(next(intervals))
+                self.pause(job.job_id, next(intervals), sleep)
                 found = self.get(job.job_id)
                 if found is None:
                     raise PipelineJobError(f"pipeline job {job.job_id} disappeared", job)
@@ -311,6 +311,12 @@ class PipelineRunner(ABC):
             log.warning(f"interrupted while waiting for {job.job_id}; cancelling it")
             self._cancel_quietly(job.job_id, log)
             raise
+
+    def pause(self, job_id: str, seconds: float, sleep: Callable[[float], None]) -> None:
+        """Wait before looking at the job again: ``seconds`` of the poll schedule, on a
+        remote backend. A backend that can see its job end (the local one owns the worker
+        process) returns as soon as it does."""
+        sleep(seconds)
 
     def _cancel_quietly(self, job_id: str, log: Log) -> None:
         # A cancel that fails must not hide why we cancelled (the interrupt, the deadline).

@@ -40,10 +40,13 @@ from ml_platform.resources.pipeline_runs import (
 from ml_platform.resources.templates import TemplateRegistry
 
 LOCAL_JOB_PREFIX = "projects/local/locations/local/pipelineJobs/"
-# Local jobs take seconds to minutes and polling is a SQLite read: poll often.
+# A local wait ends when the worker does (LocalPipelineRunner.pause); the schedule only bounds
+# each wait, so that state changes on the way and the deadline are still seen.
 LOCAL_POLL = PollPolicy(initial_interval=0.5, max_interval=5.0, deadline=6 * 3600)
 # In each job's folder: the lock its worker holds for as long as it lives.
 WORKER_LOCK = "worker.lock"
+# How often a wait probes the lock of a worker another process started (a flock: cheap).
+_LOCK_PROBE_INTERVAL = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipeline_jobs (
@@ -404,6 +407,25 @@ class LocalPipelineRunner(PipelineRunner):
             return None
         self._reap(job_id)
         return to_pipeline_job(self._check_worker(row))
+
+    def pause(self, job_id: str, seconds: float, sleep: Callable[[float], None]) -> None:
+        """Wait on the worker, not on the clock: it records the job's end before it exits,
+        so its exit (this process's child) or the release of its lock (a worker another
+        process started: a retry reattaching) is the moment to look. ``seconds`` only bounds
+        the wait, so that the deadline and state changes along the way are still seen."""
+        child = self._children.get(job_id)
+        if child is not None:
+            try:
+                child.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                pass
+            return
+        row = self.store.row(job_id)
+        until = time.monotonic() + seconds
+        while row is not None and worker_alive(row["pipeline_root"]):
+            if time.monotonic() >= until:
+                return
+            time.sleep(_LOCK_PROBE_INTERVAL)
 
     def job_log(self, job_id: str) -> str | None:
         row = self.store.row(job_id)
