@@ -12,5 +12,7 @@ for script in (
     "p4_vertex_polling.py",
     "p5_dbt_parse.py",
     "p7_dbt_steps.py",
+    "p8_backfill.py",
+    "p9_ui_launch.py",
 ):
     subprocess.run([sys.executable, str(here / script)], check=True, cwd=here)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 from ml_platform.settings import Settings, SettingsError, get_settings
@@ -31,68 +31,65 @@ def _instance(settings: Settings):
 
 
 def materialize(settings: Settings, days: int) -> int:
-    """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting.
+    """Ingest, features, model, ``days`` days of predictions after the cutoff, reporting:
+    one run of the whole graph (one pipeline job for the days), then a summary.
 
-    Every run goes through the instance's queue, as the UI's do, executed by `make dev`'s
+    The run goes through the instance's queue, as the UI's do, executed by `make dev`'s
     daemon if one runs, else by one of this command's own while it runs.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import dagster as dg
 
     from ml_platform.assets.model import FIGURES, MODEL_KEY
-    from ml_platform.launch import PREDICTIONS_TABLE
+    from ml_platform.launch import EVERYTHING_JOB, PREDICTIONS_TABLE
     from ml_platform.local_runs import LaunchError, QueueDaemon, cancel_abandoned, launch, wait_for
     from ml_platform.pipelines.model import HOLDOUT_DAYS
     from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
-    from ml_platform.sensors import pending_refresh
     from ml_platform.settings import PROJECT_DIR, child_environment
 
     if not settings.is_local:
         print("materialize runs the local deployment only", file=sys.stderr)
         return 2
-    SUCCESS = dg.DagsterRunStatus.SUCCESS
     instance = _instance(settings)
     window = [settings.training_cutoff + timedelta(days=i) for i in range(days)]
+    first, last = window[0].isoformat(), window[-1].isoformat()
 
     log_path = settings.data_dir / "materialize.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     workspace = PROJECT_DIR / "workspace.yaml"
 
-    def run(log, daemon, jobs: list[tuple[str, str | tuple[str, str] | None]]) -> list[str]:
-        # The terminal gets progress and a summary; the daemon's and the runs' output go to
-        # the log file, and every event is in the instance (`make dev`).
-        run_ids = launch(jobs, workspace=workspace, location="ml_platform", env=env, log=log)
-        for run_id, (job, _) in zip(run_ids, jobs, strict=True):
-            ended = wait_for(instance, run_id, daemon=daemon)
-            if ended.status is not SUCCESS:
-                for later in run_ids[run_ids.index(run_id) + 1 :]:  # nothing after a failure
-                    queued = instance.get_run_by_id(later)
-                    if queued is not None and queued.status is dg.DagsterRunStatus.QUEUED:
-                        instance.report_run_canceled(queued, f"{job} failed before it")
-                log.write(failure_details(instance, run_id))
-                raise SystemExit(failure_summary(job, instance, ended, log_path))
-        return run_ids
-
     for abandoned in cancel_abandoned(instance):
         print(f"canceled run {abandoned.run_id} ({abandoned.job_name}) of a killed materialize")
+    print(
+        f"{EVERYTHING_JOB}: ingest, dbt features, flight_delay_model, flight_delay_predictions "
+        f"for {first} .. {last} (one pipeline job), dbt reporting",
+        flush=True,
+    )
+    # The terminal gets progress and a summary; the daemon's and the run's output go to the
+    # log file, and every event is in the instance (`make dev`).
     with log_path.open("w") as log:
         try:
-            with QueueDaemon(instance, workspace=workspace, env=env, log=log) as daemon:
-                print("1/3 ingest, dbt features, flight_delay_model", flush=True)
-                run(log, daemon, [("train_flight_delay_model", None)])
-                print(f"2/3 flight_delay_predictions for {window[0]} .. {window[-1]}", flush=True)
-                # One run and one pipeline job for the whole window (a single-run backfill).
-                days = (window[0].isoformat(), window[-1].isoformat())
-                scored = run(log, daemon, [("score_flights", days if len(window) > 1 else days[0])])
-                print("3/3 dbt reporting models", flush=True)
-                # A refresh the completion sensor requested after the last day ended counts.
-                last = instance.get_run_record_by_id(scored[-1]).end_time
-                covering = pending_refresh(instance, datetime.fromtimestamp(last, UTC))
-                if (
-                    covering is None
-                    or wait_for(instance, covering, daemon=daemon).status is not SUCCESS
-                ):
-                    run(log, daemon, [("refresh_reporting", None)])
+            # Submitting (a GraphQL client that loads the code location) and starting a
+            # daemon do not wait for each other: side by side.
+            with ThreadPoolExecutor(1) as pool:
+                # One run for the whole window too: the predictions' single-run backfill.
+                partition = (first, last) if len(window) > 1 else first
+                submitted = pool.submit(
+                    launch,
+                    [(EVERYTHING_JOB, partition)],
+                    workspace=workspace,
+                    location="ml_platform",
+                    env=env,
+                    log=log,
+                )
+                with QueueDaemon(instance, workspace=workspace, env=env, log=log) as daemon:
+                    (run_id,) = submitted.result()
+                    ended = wait_for(instance, run_id, daemon=daemon, on_step=_print_step)
+                    if ended.status is not dg.DagsterRunStatus.SUCCESS:
+                        log.write(failure_details(instance, run_id))
+                        raise SystemExit(failure_summary(EVERYTHING_JOB, instance, ended, log_path))
         except LaunchError as error:
             raise SystemExit(f"ml-platform: {error}") from error
 
@@ -127,6 +124,10 @@ def materialize(settings: Settings, days: int) -> int:
     print(f"warehouse: {settings.duckdb_path}")
     print(f"Dagster instance: {settings.dagster_home} (make dev shows these runs)")
     return 0
+
+
+def _print_step(step: str) -> None:
+    print(f"  {step}", flush=True)
 
 
 def _failure(instance, run_id: str):

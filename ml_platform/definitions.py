@@ -18,6 +18,7 @@ from ml_platform.assets.ingest import build_ingest_assets
 from ml_platform.assets.model import build_model_asset
 from ml_platform.assets.performance import build_performance_asset
 from ml_platform.assets.predictions import build_predictions_asset
+from ml_platform.launch import EVERYTHING_JOB
 from ml_platform.resources.backends import build_resources
 from ml_platform.retraining import build_retrain_sensor
 from ml_platform.schedules import build_schedules
@@ -76,10 +77,16 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         selection=dg.AssetSelection.assets(dbt_reporting),
         description="Rebuild (and test) the dbt reporting models over the predictions.",
     )
+    everything_job = dg.define_asset_job(
+        EVERYTHING_JOB,
+        selection=dg.AssetSelection.assets(ingest, dbt_features, model, predictions, dbt_reporting),
+        description="The whole graph in one run: ingest, features, the model, the predictions "
+        "of a range of days (one pipeline job) and the reporting (what `make run` launches).",
+    )
     alert_sensors, alerts = build_alerting(settings)
     return dg.Definitions(
         assets=[ingest, dbt_features, model, predictions, performance, dbt_reporting],
-        jobs=[training_job, predictions_job, performance_job, reporting_job],
+        jobs=[everything_job, training_job, predictions_job, performance_job, reporting_job],
         schedules=build_schedules(predictions_job.name),
         sensors=[
             build_completion_sensor(settings),

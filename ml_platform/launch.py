@@ -28,6 +28,8 @@ from ml_platform.settings import Settings
 MODEL_ASSET = "flight_delay_model"
 PREDICTIONS_ASSET = "flight_delay_predictions"
 PREDICTIONS_TABLE = "flight_delay_predictions"
+# The job of the whole graph in one run (`ml-platform materialize`).
+EVERYTHING_JOB = "materialize_all"
 PIPELINE_OF_ASSET = {MODEL_ASSET: TRAINING_PIPELINE, PREDICTIONS_ASSET: PREDICTION_PIPELINE}
 
 

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -333,12 +333,21 @@ def wait_for(
     *,
     daemon: QueueDaemon | None = None,
     interval: float = 0.5,
+    on_step: Callable[[str], None] | None = None,
 ) -> dg.DagsterRun:
     """The run, once it has ended (succeeded, failed or canceled); meanwhile ``daemon`` is
-    kept serving the queue."""
+    kept serving the queue, and ``on_step`` is told each step's key as the step starts."""
     checked = time.monotonic()
+    cursor = None
     while True:
         run = instance.get_run_by_id(run_id)
+        if on_step is not None:
+            started = instance.get_records_for_run(
+                run_id, cursor=cursor, of_type=dg.DagsterEventType.STEP_START
+            )
+            cursor = started.cursor
+            for record in started.records:
+                on_step(record.event_log_entry.step_key)
         if run is not None and run.status in FINISHED:
             return run
         if daemon is not None and time.monotonic() - checked > 5:

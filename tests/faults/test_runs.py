@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from ml_platform.launch import EVERYTHING_JOB
 from ml_platform.local_runs import (
     SUBMITTER_TAG,
     QueueDaemon,
@@ -23,6 +24,7 @@ from ml_platform.local_runs import (
     run_worker,
     wait_for,
 )
+from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
 from ml_platform.resources.pipeline_runs import JobState
 from ml_platform.resources.pipeline_runs.local import JobStore, worker_alive
 from ml_platform.resources.warehouse.duckdb import DuckDBWarehouse
@@ -80,6 +82,18 @@ class Place:
         return [row["job_id"] for row in rows if not worker_alive(row["pipeline_root"])]
 
 
+def job_running(place: "Place", pipeline: str) -> bool:
+    """Whether a pipeline job of ``pipeline`` runs now (its Dagster step is in the middle)."""
+    with place.store._connect() as db:
+        return (
+            db.execute(
+                "SELECT count(*) FROM pipeline_jobs WHERE pipeline = ? AND state = ?",
+                [pipeline, JobState.RUNNING.value],
+            ).fetchone()[0]
+            > 0
+        )
+
+
 def wait_until(predicate, seconds: float, what: str):
     deadline = time.monotonic() + seconds
     while True:
@@ -129,11 +143,7 @@ def test_a_killed_run_worker_is_failed_by_run_monitoring_and_the_queue_moves_on(
 def test_materialize_again_after_its_whole_process_group_was_killed_mid_run(place: Place, signum):
     """SIGHUP: its terminal closed. SIGKILL to the group: nothing of it could say anything."""
     killed = place.materialize(2, start_new_session=True)  # its own group, as a terminal's
-    wait_until(
-        lambda: any(r.job_name == "score_flights" for r in place.runs(dg.DagsterRunStatus.STARTED)),
-        600,
-        "a scoring run to start",
-    )
+    wait_until(lambda: job_running(place, PREDICTION_PIPELINE), 600, "the scoring to start")
     os.killpg(killed.pid, signum)
     killed.communicate(timeout=60)
 
@@ -144,26 +154,23 @@ def test_materialize_again_after_its_whole_process_group_was_killed_mid_run(plac
     assert output.index("out of time") < output.index("test split")  # the honest one first
 
     assert place.runs(dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED) == []
-    # The killed command's runs: the one whose worker the signal ended failed; the queued
-    # ones, which the command was to wait for, canceled by the next.
-    killed_runs = {
-        run.tags.get("dagster/partition"): run
+    # The killed command's run, failed (or done before the signal could stop it).
+    killed_runs = [
+        run
         for run in place.instance.get_runs()
         if run.tags.get(SUBMITTER_TAG, "").startswith(f"{killed.pid}:")
-        and run.job_name == "score_flights"
-    }
-    # The scoring run whose worker the signal reached fails; a worker outside the killed
-    # group (the code server's child) may also finish its run first: one run now scores the
-    # whole window, so it is often done before anyone notices its command is gone.
-    assert killed_runs
-    assert {run.status for run in killed_runs.values()} <= {
+    ]
+    # One run of the whole graph: its worker, which the signal reached, fails it; a worker
+    # outside the killed group (the code server's child) may also finish the run first.
+    assert [run.job_name for run in killed_runs] == [EVERYTHING_JOB]
+    assert {run.status for run in killed_runs} <= {
         dg.DagsterRunStatus.FAILURE,
         dg.DagsterRunStatus.CANCELED,
         dg.DagsterRunStatus.SUCCESS,
     }
     said = [
         entry.message
-        for run in killed_runs.values()
+        for run in killed_runs
         for entry in place.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
     ]
     # Who reported it depends on what survived a moment: Dagster's orphan watcher stops a run
@@ -191,14 +198,7 @@ def test_materialize_again_after_its_whole_process_group_was_killed_mid_run(plac
 
 def test_materialize_again_after_it_was_killed_while_training(place: Place):
     killed = place.materialize(1)
-    wait_until(
-        lambda: any(
-            r.job_name == "train_flight_delay_model"
-            for r in place.runs(dg.DagsterRunStatus.STARTED)
-        ),
-        600,
-        "the training run to start",
-    )
+    wait_until(lambda: job_running(place, TRAINING_PIPELINE), 600, "the training to start")
     killed.send_signal(signal.SIGKILL)  # the command alone: its daemon goes with it
     killed.communicate(timeout=60)
 

@@ -23,6 +23,7 @@ import pytest
 from dagster_shared.error import SerializableErrorInfo
 
 from ml_platform import cli
+from ml_platform.launch import EVERYTHING_JOB
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -112,13 +113,16 @@ def failed(tmp_path_factory, clone) -> dict[str, Ended]:
 def test_a_failed_step_ends_with_its_own_error_and_leaves_the_stack_in_the_log(failed):
     ended = failed["ml-platform"]
     assert ended.returncode == 1
-    assert ended.stdout == "1/3 ingest, dbt features, flight_delay_model\n"
+    # What the run was to do, then each step as it started: the first failed.
+    what, *steps = ended.stdout.splitlines()
+    assert what.startswith(f"{EVERYTHING_JOB}: ingest, dbt features, flight_delay_model")
+    assert steps == ["  ingest_nycflights13"]
     for stream in (ended.stdout, ended.stderr):
         assert "Traceback" not in stream
         assert "Stack Trace" not in stream
         assert "DagsterExecutionStepExecutionError" not in stream
     *_, where, cause = ended.stderr.splitlines()
-    assert where.startswith("train_flight_delay_model failed (run ")
+    assert where.startswith(f"{EVERYTHING_JOB} failed (run ")
     assert "in step ingest_nycflights13" in where
     assert str(ended.warehouse.parent / "materialize.log") in where
     assert cause == (
