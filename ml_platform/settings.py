@@ -30,8 +30,9 @@ from ml_platform.resources.templates import is_tag_or_version
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = PROJECT_DIR / "dbt_project"
-# The dbt installed beside this Python, whether or not its folder is on PATH.
-DBT_EXECUTABLE = Path(sys.executable).parent / "dbt"
+# The dbt installed beside this Python, whether or not its folder is on PATH, as the project's
+# own script (ml_platform/dbt_command.py: dbt, with a --version that asks no server).
+DBT_EXECUTABLE = Path(sys.executable).parent / "ml-platform-dbt"
 
 # The logical datasets (DuckDB schemas locally, BigQuery datasets on Google Cloud).
 DATASETS = ("raw", "staging", "features", "predictions", "reporting")

@@ -1,11 +1,12 @@
 """From the UI to the reporting, in a real browser against `dagster dev`.
 
-A user opens flight_delay_predictions, materializes one day from the launch dialog, and
-later finds the reporting models rebuilt: the completion sensor saw the prediction job
-the UI's run started, waited for that run to finish, and requested one refresh_reporting
-run (run_key = the job's name). The browser shows each step; Dagster's GraphQL API is
-polled to wait (bounded) for the runs, and the instance, the job store and the warehouse
-are checked at the end.
+A user opens flight_delay_predictions, backfills three days from the launch dialog, and
+later finds the reporting models rebuilt: the backfill is one run and one pipeline job (the
+predictions' single-run backfill policy), each day recorded as its own partition with its
+own row count; the completion sensor saw the job, waited for the run to finish, and
+requested one refresh_reporting run (run_key = the job's name). The browser shows each
+step; Dagster's GraphQL API is polled to wait (bounded) for the runs, and the instance, the
+job store and the warehouse are checked at the end.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.e2e.conftest import LOCATION, DagsterDev
 
 pytestmark = pytest.mark.e2e
 
-DAY = "2013-10-01"
+DAYS = ["2013-10-01", "2013-10-02", "2013-10-03"]
+RANGE = f"{DAYS[0]}..{DAYS[-1]}"  # how the job and the refresh name the range
 PREDICTION_PIPELINE = "flight-delay-prediction"
 # Bounds on the waits. Measured on two cores: the UI's run takes 35-45 s from launch to
 # success, the sensor's refresh 25-35 s more (5 s sensor interval); the bounds leave room
@@ -122,8 +124,8 @@ def wait_for_sensor_tick_after(server: DagsterDev, moment: float, timeout: float
         time.sleep(1)
 
 
-def launch_one_partition_from_the_ui(page: Page, server: DagsterDev) -> str:
-    """Materialize DAY of flight_delay_predictions from its asset page; the run's id."""
+def launch_a_backfill_from_the_ui(page: Page, server: DagsterDev) -> str:
+    """Backfill DAYS of flight_delay_predictions from its asset page; the backfill's id."""
     page.goto(f"{server.url}/assets/flight_delay_predictions")
     # "Materialize…", with an ellipsis: it opens the launch dialog of a partitioned asset.
     # A substring match: Dagster's icons put their names into accessible names
@@ -137,18 +139,31 @@ def launch_one_partition_from_the_ui(page: Page, server: DagsterDev) -> str:
     expect(dialog.get_by_text("2013-12-31", exact=True)).to_be_visible()
     dialog.get_by_role("button", name="Custom", exact=True).click()
     partitions = dialog.get_by_placeholder(re.compile(r"^ex: "))
-    partitions.fill(DAY)
+    partitions.fill(f"[{DAYS[0]}...{DAYS[-1]}]")
     partitions.press("Enter")
-    expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible()
-    # One partition is one run ("Launch 1 run"), not a backfill.
-    dialog.get_by_role("button", name="Launch 1 run", exact=True).click()
-    # The toast "Launched run abcd1234 [View]" links to the run.
+    expect(dialog.get_by_text(f"{len(DAYS)} partitions", exact=True)).to_be_visible()
+    dialog.get_by_role("button", name="Launch backfill", exact=True).click()
+    # The toast "Created backfill abcdefgh [View]" links to the backfill.
     view = page.get_by_role("link", name="View", exact=True)
-    expect(view).to_have_attribute("href", re.compile(r"^/runs/[0-9a-f-]{36}$"))
-    return view.get_attribute("href").removeprefix("/runs/")
+    expect(view).to_have_attribute("href", re.compile(r"^/runs/b/[a-z]+"))
+    return re.match(r"^/runs/b/([a-z]+)", view.get_attribute("href")).group(1)
 
 
-def test_materializing_a_day_in_the_ui_refreshes_the_reporting(
+def the_backfill_run(server: DagsterDev, backfill_id: str, timeout: float) -> dict[str, Any]:
+    """The run the backfill daemon launched for the backfill, once it has (there must be one,
+    and only one: the single-run policy)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        launched = runs(server, tags=[{"key": "dagster/backfill", "value": backfill_id}])
+        if launched:
+            assert len(launched) == 1, f"the backfill launched {len(launched)} runs: {launched}"
+            return launched[0]
+        if time.monotonic() > deadline:
+            pytest.fail(f"backfill {backfill_id} launched no run within {timeout:.0f} s")
+        time.sleep(1)
+
+
+def test_a_backfill_in_the_ui_is_one_run_and_refreshes_the_reporting_once(
     browser_page: Page, dagster_dev: DagsterDev
 ) -> None:
     page, server = browser_page, dagster_dev
@@ -156,14 +171,15 @@ def test_materializing_a_day_in_the_ui_refreshes_the_reporting(
     assert sensor["__typename"] == "Sensor", sensor
     assert sensor["sensorState"]["status"] == "RUNNING", f"{SENSOR_NAME} is not running"
 
-    # 1. The user materializes one day of predictions from the UI.
+    # 1. The user backfills three days of predictions from the UI: one run for all three.
     started = time.monotonic()
-    ui_run_id = launch_one_partition_from_the_ui(page, server)
-    partition_runs = runs(server, tags=[{"key": "dagster/partition", "value": DAY}])
-    assert [run["runId"] for run in partition_runs] == [ui_run_id]
+    backfill_id = launch_a_backfill_from_the_ui(page, server)
+    ui_run_id = the_backfill_run(server, backfill_id, UI_RUN_TIMEOUT)["runId"]
 
     # 2. The run succeeds, and the run page says so.
-    ui_run = wait_for_run(server, ui_run_id, UI_RUN_TIMEOUT, f"the UI's run of {DAY}")
+    ui_run = wait_for_run(server, ui_run_id, UI_RUN_TIMEOUT, f"the backfill's run of {RANGE}")
+    assert ui_run["tags"]["dagster/asset_partition_range_start"] == DAYS[0]
+    assert ui_run["tags"]["dagster/asset_partition_range_end"] == DAYS[-1]
     ui_run_seconds = time.monotonic() - started
     page.goto(f"{server.url}/runs/{ui_run_id}")
     expect(page.get_by_text("Success", exact=True)).to_be_visible()
@@ -197,10 +213,10 @@ def test_materializing_a_day_in_the_ui_refreshes_the_reporting(
     expect(page.get_by_text(re.compile(r"^Materialized in run ")).first).to_have_text(
         f"Materialized in run {refresh_id[:8]}"
     )
-    # ... and the predictions' latest materialization is DAY, by the UI's run.
+    # ... and the predictions' latest materialization is the last day, by the backfill's run.
     page.goto(f"{server.url}/assets/flight_delay_predictions")
     expect(page.get_by_text("Latest materialization", exact=True)).to_be_visible()
-    expect(page.get_by_text(DAY, exact=True).first).to_be_visible()
+    expect(page.get_by_text(DAYS[-1], exact=True).first).to_be_visible()
     expect(page.locator(f'a[href^="/runs/{ui_run_id}"]').first).to_be_visible()
 
     # 5. Cross-checks, straight from the instance, the job store and the warehouse.
@@ -217,7 +233,8 @@ def test_materializing_a_day_in_the_ui_refreshes_the_reporting(
     (job,) = jobs
     assert job.state is JobState.SUCCEEDED
     assert job.labels["dagster_run_id"] == sanitize_label_value(ui_run_id)
-    assert job.labels["partition"] == sanitize_label_value(DAY)
+    assert job.labels["partition"] == sanitize_label_value(RANGE)
+    assert job.parameters["flight_date"] == DAYS[0] and job.parameters["days"] == len(DAYS)
 
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(project.home))) as instance:
         (refresh_run,) = instance.get_runs(dg.RunsFilter(job_name=REPORTING_JOB))
@@ -226,20 +243,25 @@ def test_materializing_a_day_in_the_ui_refreshes_the_reporting(
         assert refresh_run.tags["ml_platform/pipeline_job"] == job.job_id
         assert refresh_run.tags["dagster/run_key"] == job.name
         assert refresh_run.tags["dagster/sensor_name"] == SENSOR_NAME
-        assert refresh_run.tags["ml_platform/flight_date"] == DAY
-        assert instance.get_materialized_partitions(PREDICTIONS_KEY) == {DAY}
+        assert refresh_run.tags["ml_platform/flight_date"] == RANGE
+        assert instance.get_materialized_partitions(PREDICTIONS_KEY) == set(DAYS)
+        # Each day its own materialization, by the one run, with its own row count.
+        rows = {}
+        for day in DAYS:
+            (event,) = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=PREDICTIONS_KEY, asset_partitions=[day]), limit=2
+            ).records
+            assert event.run_id == ui_run_id
+            rows[day] = event.asset_materialization.metadata["dagster/row_count"].value
         predicted = instance.get_latest_materialization_event(PREDICTIONS_KEY)
-        assert predicted.run_id == ui_run_id
-        assert predicted.asset_materialization.partition == DAY
         reported = instance.get_latest_materialization_event(REPORTING_MARKER)
         assert reported.run_id == refresh_id
         assert reported.timestamp > max(predicted.timestamp, job.end_time.timestamp())
-        rows = predicted.asset_materialization.metadata["dagster/row_count"].value
+    assert job.outputs["rows_by_day"] == rows
 
     with DuckDBWarehouse(settings.duckdb_path).connect(read_only=True) as connection:
         report = connection.execute(
-            f"select flights_scored from {settings.dataset('reporting')}.daily_delay_report "
-            "where flight_date = ?",
-            [date.fromisoformat(DAY)],
+            f"select flight_date, flights_scored from {settings.dataset('reporting')}"
+            ".daily_delay_report order by flight_date"
         ).fetchall()
-    assert report == [(rows,)], f"daily_delay_report for {DAY}: {report}, expected {rows} flights"
+    assert report == [(date.fromisoformat(day), rows[day]) for day in DAYS], report

@@ -173,7 +173,7 @@ def test_a_wait_ends_when_its_own_worker_ends_not_at_the_next_poll(backend, tmp_
     runner = LocalPipelineRunner(tmp_path / "jobs.sqlite", tmp_path / "root", registry, HOURLY)
     job = runner.run(request(template, seconds=1.0))
     assert job.state is JobState.SUCCEEDED
-    with pytest.raises(PipelineJobError, match="the nap of 1.0 s went wrong"):
+    with pytest.raises(PipelineJobError, match=r"the nap of 1\.0 s went wrong"):
         runner.run(request(template, "nap-2", seconds=1.0, fail=True))
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -415,10 +415,8 @@ class LocalPipelineRunner(PipelineRunner):
         the wait, so that the deadline and state changes along the way are still seen."""
         child = self._children.get(job_id)
         if child is not None:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=seconds)
-            except subprocess.TimeoutExpired:
-                pass
             return
         row = self.store.row(job_id)
         until = time.monotonic() + seconds
