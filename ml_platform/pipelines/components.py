@@ -10,7 +10,7 @@ from functools import partial
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 # The image is a stand-in: ml_platform.pipelines.compile sets every executor's image to the
 # deployment's component image when it compiles a template.
@@ -18,91 +18,74 @@ component = partial(dsl.component, base_image="python:3.11-slim", install_kfp_pa
 
 
 @component
-def load_training_data(
+def train_and_evaluate(
     warehouse_uri: str,
     dataset: str,
     table: str,
     cutoff_date: str,
-    train: Output[Dataset],
-    test: Output[Dataset],
-    validation: Output[Dataset],
-) -> NamedTuple("Loaded", data_fingerprint=str):
+    champion_model_uri: str,
+    max_iter: int,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    evaluation_plot: Output[Artifact],
+) -> NamedTuple(
+    "Training",
+    roc_auc=float,
+    baseline_roc_auc=float,
+    oot_roc_auc=float,
+    data_fingerprint=str,
+):
     """Flights before the cutoff from the warehouse: the out-of-time window (the last weeks
     before the cutoff, never trained on), and the earlier flights split by the table's split
-    column into train and test."""
+    column into train and test. The gradient-boosted classifier is fitted on train and
+    evaluated out of time (beside the baseline and the current champion re-scored on the
+    window) and on the test split, against the carrier x hour baseline.
+
+    One component, not three: each would be a process (a container on Vertex AI) importing
+    pandas and scikit-learn again and passing the data on through files."""
     from collections import namedtuple
     from datetime import date, timedelta
 
-    from ml_platform.pipelines import model
+    import sklearn
+
+    from ml_platform.pipelines import model as flight_model
     from ml_platform.resources.backends import open_warehouse
 
     cutoff = date.fromisoformat(cutoff_date)
     where = f"{dataset}.{table}"
     rows = open_warehouse(warehouse_uri).read_table(
-        dataset, table, date_column=model.DATE, end=cutoff
+        dataset, table, date_column=flight_model.DATE, end=cutoff
     )
-    earlier, window = model.hold_out_window(rows, cutoff, where=where)
-    window_start = cutoff - timedelta(days=model.HOLDOUT_DAYS)
-    train_rows, test_rows = model.split_training_data(earlier, window_start, where=where)
-    for artifact, frame in ((train, train_rows), (test, test_rows), (validation, window)):
-        frame.to_parquet(artifact.path, index=False)
-        artifact.metadata["rows"] = len(frame)
-        artifact.metadata["delay_rate"] = float(frame[model.TARGET].astype(float).mean())
-    validation.metadata["window"] = f"{window_start} .. {cutoff}"
-    fingerprint = model.data_fingerprint(train_rows, test_rows, window)
-    return namedtuple("Loaded", ["data_fingerprint"])(fingerprint)
+    earlier, window = flight_model.hold_out_window(rows, cutoff, where=where)
+    window_start = cutoff - timedelta(days=flight_model.HOLDOUT_DAYS)
+    train, test = flight_model.split_training_data(earlier, window_start, where=where)
 
-
-@component
-def train_model(train: Input[Dataset], max_iter: int, model: Output[Model]):
-    """Fit the gradient-boosted classifier on the train split."""
-    import pandas as pd
-    import sklearn
-
-    from ml_platform.pipelines import model as flight_model
-
-    rows = pd.read_parquet(train.path)
-    estimator = flight_model.train_model(rows, max_iter=max_iter)
+    estimator = flight_model.train_model(train, max_iter=max_iter)
     model.metadata["version"] = flight_model.save_model(estimator, model.path)
     model.metadata["framework"] = f"scikit-learn {sklearn.__version__}"
     model.metadata["features"] = list(flight_model.FEATURES)
-    model.metadata["train_rows"] = len(rows)
     model.metadata["iterations"] = int(estimator[-1].n_iter_)
+    for name, frame in (("train", train), ("test", test), ("validation", window)):
+        model.metadata[f"{name}_rows"] = len(frame)
+        delay_rate = frame[flight_model.TARGET].astype(float).mean()
+        model.metadata[f"{name}_delay_rate"] = float(delay_rate)
+    model.metadata["validation_window"] = f"{window_start} .. {cutoff}"
 
-
-@component
-def evaluate_model(
-    model: Input[Model],
-    train: Input[Dataset],
-    test: Input[Dataset],
-    validation: Input[Dataset],
-    champion_model_uri: str,
-    metrics: Output[Metrics],
-    evaluation_plot: Output[Artifact],
-) -> NamedTuple("Evaluation", roc_auc=float, baseline_roc_auc=float, oot_roc_auc=float):
-    """The model out of time (the held-out window, beside the baseline and the current
-    champion re-scored on it) and on the test split, against the carrier x hour baseline."""
-    from collections import namedtuple
-
-    import pandas as pd
-
-    from ml_platform.pipelines import model as flight_model
-
-    estimator, _ = flight_model.load_model(model.path)
-    train_rows = pd.read_parquet(train.path)
-    evaluation, curves = flight_model.evaluate(estimator, train_rows, pd.read_parquet(test.path))
+    evaluation, curves = flight_model.evaluate(estimator, train, test)
     champion = None
     if champion_model_uri:
         champion, _ = flight_model.load_model(flight_model.local_path(champion_model_uri))
-    out_of_time = flight_model.evaluate_out_of_time(
-        estimator, train_rows, pd.read_parquet(validation.path), champion
-    )
+    out_of_time = flight_model.evaluate_out_of_time(estimator, train, window, champion)
     for name, value in {**out_of_time, **evaluation.as_dict()}.items():
         metrics.log_metric(name, value)
     flight_model.plot_evaluation(evaluation, curves, evaluation_plot.path)
     evaluation_plot.metadata["mime_type"] = "image/png"
-    return namedtuple("Evaluation", ["roc_auc", "baseline_roc_auc", "oot_roc_auc"])(
-        evaluation.roc_auc, evaluation.baseline_roc_auc, out_of_time["oot_roc_auc"]
+    fields = ["roc_auc", "baseline_roc_auc", "oot_roc_auc", "data_fingerprint"]
+    return namedtuple("Training", fields)(
+        evaluation.roc_auc,
+        evaluation.baseline_roc_auc,
+        out_of_time["oot_roc_auc"],
+        flight_model.data_fingerprint(train, test, window),
     )
 
 

@@ -6,12 +6,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Metrics, Model
 
 from ml_platform.pipelines import PREDICTION_PIPELINE, TRAINING_PIPELINE
-from ml_platform.pipelines.components import (
-    evaluate_model,
-    load_training_data,
-    score_flights,
-    train_model,
-)
+from ml_platform.pipelines.components import score_flights, train_and_evaluate
 from ml_platform.pipelines.model import MAX_ITER
 
 
@@ -46,31 +41,25 @@ def training_pipeline(
     max_iter: int = MAX_ITER,
     training_table: str = "training_data",
 ) -> TrainingOutputs:
-    data = load_training_data(
+    trained = train_and_evaluate(
         warehouse_uri=warehouse_uri,
         dataset=features_dataset,
         table=training_table,
         cutoff_date=cutoff_date,
+        champion_model_uri=champion_model_uri,
+        max_iter=max_iter,
     )
     # It reads the warehouse, whose rows can change under the same arguments: never cached.
-    data.set_caching_options(False)
-    trained = train_model(train=data.outputs["train"], max_iter=max_iter)
+    trained.set_caching_options(False)
     trained.set_cpu_limit("4").set_memory_limit("16G")
-    evaluated = evaluate_model(
-        model=trained.outputs["model"],
-        train=data.outputs["train"],
-        test=data.outputs["test"],
-        validation=data.outputs["validation"],
-        champion_model_uri=champion_model_uri,
-    )
     return TrainingOutputs(
         model=trained.outputs["model"],
-        metrics=evaluated.outputs["metrics"],
-        evaluation_plot=evaluated.outputs["evaluation_plot"],
-        roc_auc=evaluated.outputs["roc_auc"],
-        baseline_roc_auc=evaluated.outputs["baseline_roc_auc"],
-        oot_roc_auc=evaluated.outputs["oot_roc_auc"],
-        data_fingerprint=data.outputs["data_fingerprint"],
+        metrics=trained.outputs["metrics"],
+        evaluation_plot=trained.outputs["evaluation_plot"],
+        roc_auc=trained.outputs["roc_auc"],
+        baseline_roc_auc=trained.outputs["baseline_roc_auc"],
+        oot_roc_auc=trained.outputs["oot_roc_auc"],
+        data_fingerprint=trained.outputs["data_fingerprint"],
     )
 
 

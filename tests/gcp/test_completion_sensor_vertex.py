@@ -592,11 +592,11 @@ def test_a_tick_that_fails_half_way_alerts_nothing_and_its_retry_alerts_once(bra
 
 
 def test_a_training_job_from_outside_dagster_is_recorded_on_the_model(branch, gcs):
-    plot_uri = f"{branch.settings.pipeline_root}/manual/evaluate-model/evaluation_plot"
+    plot_uri = f"{branch.settings.pipeline_root}/manual/train-and-evaluate/evaluation_plot"
     gcs.bucket(BUCKET).blob(plot_uri.removeprefix(f"gs://{BUCKET}/")).upload_from_string(PNG)
     outputs = {
         "model": {
-            "uri": f"{branch.settings.pipeline_root}/manual/train-model/model",
+            "uri": f"{branch.settings.pipeline_root}/manual/train-and-evaluate/model",
             "metadata": {"version": "hgb-3f9a"},
         },
         "metrics": {"metadata": TRAINING_METRICS},

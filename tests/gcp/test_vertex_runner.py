@@ -215,11 +215,11 @@ def test_a_job_is_created_as_specified_and_its_outputs_read_like_the_local_backe
         "gcsOutputDirectory": "gs://acme-ml-pipelines/pipeline_root/prod",
         "parameterValues": dict(request.parameters),
     }
-    # The compiled spec as it is: per-task caching kept (the warehouse read is never cached).
+    # The compiled spec as it is: one task, which reads the warehouse, so never cached.
     assert body["pipelineSpec"] == yaml.safe_load(compiled[TRAINING_PIPELINE].read_text())
     tasks = body["pipelineSpec"]["root"]["dag"]["tasks"]
-    assert tasks["load-training-data"]["cachingOptions"] == {}
-    assert tasks["train-model"]["cachingOptions"] == {"enableCache": True}
+    assert list(tasks) == ["train-and-evaluate"]
+    assert tasks["train-and-evaluate"]["cachingOptions"] == {}
 
     assert job.state is JobState.SUCCEEDED
     assert job.job_id == request.job_id
@@ -344,7 +344,7 @@ def test_tasks_nested_in_a_component_scope_are_not_taken_for_the_root_dags(
     )
     job = run(runner, request, clock)
     details = vertex.job(request.job_id)["jobDetail"]["taskDetails"]
-    (train,) = [t for t in details if t["taskName"] == "train-model"]
+    (train,) = [t for t in details if t["taskName"] == "train-and-evaluate"]
     nested = {
         **train,
         "taskId": "9001",
@@ -357,12 +357,24 @@ def test_tasks_nested_in_a_component_scope_are_not_taken_for_the_root_dags(
 
 def test_job_level_caching_off_disables_it_for_every_task(settings, registry, vertex, clock):
     runner = make_runner(replace(settings, vertex_caching=False), registry)
-    request = training_request(settings, registry)
-    vertex.plan(request.job_id, (0, "SUCCEEDED"), outputs=TRAINING_OUTPUTS)
+    # The prediction pipeline: its model importer is cacheable as compiled, its scoring not.
+    request = JobRequest(
+        job_id="flight-delay-predictions-2013-10-01-8f2c1b7a",
+        template=registry.resolve(PREDICTION_PIPELINE, "prod"),
+        parameters={
+            "warehouse_uri": "bigquery://acme-ml",
+            "features_dataset": "flights_features",
+            "predictions_dataset": "flights_predictions",
+            "flight_date": "2013-10-01",
+            "model_uri": "gs://acme-ml-pipelines/pipeline_root/prod/model",
+        },
+        labels={"deployment": "prod", "asset": "flight_delay_predictions"},
+    )
+    vertex.plan(request.job_id, (0, "SUCCEEDED"), outputs=PREDICTION_OUTPUTS)
     run(runner, request, clock)
     spec = vertex.calls("create")[0].body["pipelineSpec"]
-    options = [task["cachingOptions"] for task in spec["root"]["dag"]["tasks"].values()]
-    assert options == [{"enableCache": False}] * 3
+    options = {name: task["cachingOptions"] for name, task in spec["root"]["dag"]["tasks"].items()}
+    assert options == {"importer": {"enableCache": False}, "score-flights": {"enableCache": False}}
 
 
 # -- transient and permanent errors --------------------------------------------------------
@@ -470,10 +482,10 @@ def test_a_failed_job_raises_with_its_error_and_links(runner, settings, registry
         (
             300,
             "FAILED",
-            "The DAG failed because some tasks failed. The failed tasks are: [train-model].",
+            "The DAG failed because some tasks failed. The failed tasks are: [train-and-evaluate].",
         ),
         failed_task=(
-            "train-model",
+            "train-and-evaluate",
             "The replica workerpool0-0 exited with a non-zero status of 1.",
         ),
     )
@@ -481,8 +493,9 @@ def test_a_failed_job_raises_with_its_error_and_links(runner, settings, registry
         run(runner, request, clock)
     message = str(failure.value)
     assert "is FAILED" in message
-    assert "The failed tasks are: [train-model]" in message
-    assert "train-model: The replica workerpool0-0 exited with a non-zero status of 1." in message
+    assert "The failed tasks are: [train-and-evaluate]" in message
+    replica = "The replica workerpool0-0 exited with a non-zero status of 1."
+    assert f"train-and-evaluate: {replica}" in message
     assert f"pipelines/runs/{request.job_id}?project=acme-ml" in message
     assert failure.value.job.state is JobState.FAILED
     assert failure.value.job.outputs == {}

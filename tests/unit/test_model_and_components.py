@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kfp.dsl import Artifact, Dataset, Metrics, Model
+from kfp.dsl import Artifact, Metrics, Model
 
 from ml_platform.pipelines import components
 from ml_platform.pipelines import model as flight_model
@@ -141,55 +141,53 @@ def artifact(kind, path: Path):
 
 
 def test_the_components_as_plain_functions(tmp_path: Path):
-    """load -> train -> evaluate -> score, through the component functions and a real DuckDB."""
+    """train and evaluate -> score, through the component functions and a real DuckDB."""
     warehouse = DuckDBWarehouse(tmp_path / "warehouse.duckdb")
     frame = flights()
     import pyarrow as pa
 
     warehouse.replace_table("features", "training_data", pa.Table.from_pandas(frame))
     warehouse.replace_table("features", "flight_features", pa.Table.from_pandas(frame))
-    train, test = artifact(Dataset, tmp_path / "train"), artifact(Dataset, tmp_path / "test")
-    validation = artifact(Dataset, tmp_path / "validation")
-    loaded = dict(
-        warehouse_uri=warehouse.uri,
-        dataset="features",
-        table="training_data",
-        cutoff_date="2013-10-01",
-        train=train,
-        test=test,
-        validation=validation,
-    )
-    (fingerprint,) = components.load_training_data.python_func(**loaded)
+
+    def train(name: str, champion_model_uri: str = ""):
+        outputs = {
+            "model": artifact(Model, tmp_path / name / "model"),
+            "metrics": artifact(Metrics, tmp_path / name / "metrics"),
+            "evaluation_plot": artifact(Artifact, tmp_path / name / "plot"),
+        }
+        (tmp_path / name).mkdir()
+        returned = components.train_and_evaluate.python_func(
+            warehouse_uri=warehouse.uri,
+            dataset="features",
+            table="training_data",
+            cutoff_date="2013-10-01",
+            champion_model_uri=champion_model_uri,
+            max_iter=300,
+            **outputs,
+        )
+        return returned, outputs["model"], outputs["metrics"].metadata, outputs["evaluation_plot"]
+
+    (auc, baseline, oot_auc, fingerprint), model, metrics, plot = train("first")
     dates = pd.to_datetime(frame.flight_date)
     window = (dates >= "2013-09-10") & (dates < "2013-10-01")  # the 21 days before the cutoff
-    assert validation.metadata["rows"] == window.sum() > 0
-    assert train.metadata["rows"] + test.metadata["rows"] == (dates < "2013-09-10").sum()
-    # Out of time means out of training: no flight of the window is in train or test.
-    held_out = set(frame.flight_key[window])
-    assert not held_out & set(pd.read_parquet(train.path).flight_key)
-    assert not held_out & set(pd.read_parquet(test.path).flight_key)
-    assert fingerprint.startswith("sha256:")
-    assert components.load_training_data.python_func(**loaded) == (fingerprint,)  # same rows
-    model = artifact(Model, tmp_path / "model")
-    components.train_model.python_func(train=train, max_iter=300, model=model)
+    assert model.metadata["validation_rows"] == metrics["oot_rows"] == window.sum() > 0
+    assert (
+        model.metadata["train_rows"] + model.metadata["test_rows"] == (dates < "2013-09-10").sum()
+    )
+    assert model.metadata["validation_window"] == "2013-09-10 .. 2013-10-01"
     assert model.metadata["version"].startswith("sha256:")
-    metrics, plot = artifact(Metrics, tmp_path / "metrics"), artifact(Artifact, tmp_path / "plot")
-    evaluation = dict(model=model, train=train, test=test, validation=validation)
-    auc, baseline, oot_auc = components.evaluate_model.python_func(
-        **evaluation, champion_model_uri="", metrics=metrics, evaluation_plot=plot
-    )
-    assert metrics.metadata["roc_auc"] == auc and metrics.metadata["baseline_roc_auc"] == baseline
-    assert metrics.metadata["oot_roc_auc"] == oot_auc > metrics.metadata["oot_baseline_roc_auc"]
-    assert metrics.metadata["oot_rows"] == validation.metadata["rows"]
-    assert "champion_oot_roc_auc" not in metrics.metadata
-    # With a champion (here the model itself), it is re-scored on the same window.
-    metrics = artifact(Metrics, tmp_path / "metrics2")
-    components.evaluate_model.python_func(
-        **evaluation, champion_model_uri=model.path, metrics=metrics, evaluation_plot=plot
-    )
-    assert metrics.metadata["champion_oot_roc_auc"] == metrics.metadata["oot_roc_auc"]
-    assert metrics.metadata["champion_oot_log_loss"] == metrics.metadata["oot_log_loss"]
-    quantiles = [metrics.metadata[f"oot_score_q{i}"] for i in range(1, 10)]
+    assert fingerprint.startswith("sha256:")
+    assert metrics["roc_auc"] == auc and metrics["baseline_roc_auc"] == baseline
+    assert metrics["oot_roc_auc"] == oot_auc > metrics["oot_baseline_roc_auc"]
+    assert "champion_oot_roc_auc" not in metrics
+    assert Path(plot.path).read_bytes().startswith(b"\x89PNG")
+    # With a champion (here the first model), it is re-scored on the same window; the same
+    # rows give the same fingerprint and, trained the same way, the same model.
+    (_, _, _, again), second, metrics, _ = train("second", champion_model_uri=model.path)
+    assert again == fingerprint and second.metadata["version"] == model.metadata["version"]
+    assert metrics["champion_oot_roc_auc"] == metrics["oot_roc_auc"]
+    assert metrics["champion_oot_log_loss"] == metrics["oot_log_loss"]
+    quantiles = [metrics[f"oot_score_q{i}"] for i in range(1, 10)]
     assert quantiles == sorted(quantiles) and 0 < quantiles[0] < quantiles[-1] < 1
     scoring = dict(
         model=model,
