@@ -110,10 +110,8 @@ def main() -> int:
         start=first,
         end=first + timedelta(days=args.days),
     )
-    parts = {
-        day: flight_model.score_flights(estimator, version, scored, day, "bare")
-        for day in (first + timedelta(days=i) for i in range(args.days))
-    }
+    days = [first + timedelta(days=i) for i in range(args.days)]
+    parts = flight_model.score_days(estimator, version, scored, days, "bare")
     warehouse.replace_partitions(
         settings.dataset("predictions"), "flight_delay_predictions", flight_model.DATE, parts
     )

@@ -87,7 +87,6 @@ def launch_and_wait(url: str, day: str) -> tuple[str, float, dict]:
             "repositoryName": "__repository__",
             "pipelineName": "__ASSET_JOB",
             "assetSelection": [{"path": ["flight_delay_predictions"]}],
-            "assetCheckSelection": [],
         },
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": day}]},
         "mode": "default",

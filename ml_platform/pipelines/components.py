@@ -106,8 +106,6 @@ def score_flights(
     from collections import namedtuple
     from datetime import date, timedelta
 
-    import pandas as pd
-
     from ml_platform.pipelines import model as flight_model
     from ml_platform.resources.backends import open_warehouse
 
@@ -117,7 +115,7 @@ def score_flights(
     if days < 1:
         raise ValueError(f"days must be at least 1, not {days}")
     warehouse = open_warehouse(warehouse_uri)
-    # One read for the whole range; each day is then scored and written on its own.
+    # One read and one scoring pass for the whole range; each day's rows are its own.
     features = warehouse.read_table(
         features_dataset,
         features_table,
@@ -125,17 +123,8 @@ def score_flights(
         start=first,
         end=first + timedelta(days=days),
     )
-    by_day = {
-        day: rows
-        for day, rows in features.groupby(pd.to_datetime(features[flight_model.DATE]).dt.date)
-    }
-    parts = {}
-    for offset in range(days):
-        day = first + timedelta(days=offset)
-        day_features = by_day.get(day, features.iloc[0:0])
-        parts[day] = flight_model.score_flights(
-            estimator, model_version, day_features, day, pipeline_job
-        )
+    days_scored = [first + timedelta(days=offset) for offset in range(days)]
+    parts = flight_model.score_days(estimator, model_version, features, days_scored, pipeline_job)
     # Each day's rows replaced atomically (DuckDB: all days in one transaction).
     written = warehouse.replace_partitions(
         predictions_dataset, predictions_table, flight_model.DATE, parts

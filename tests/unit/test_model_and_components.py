@@ -134,6 +134,13 @@ def test_score_flights_keeps_only_the_day():
     assert set(table.column("pipeline_job").to_pylist()) == {"job-1"}
     empty = flight_model.score_flights(model, "sha256:abc", frame, date(2013, 12, 31), "job-1")
     assert empty.num_rows == 0 and empty.schema == flight_model.predictions_schema()
+    # Several days in one pass: each day's table holds what scoring it alone gives.
+    days = [date(2013, 9, 14), day, date(2013, 12, 31)]
+    together = flight_model.score_days(model, "sha256:abc", frame, days, "job-1")
+    assert list(together) == days
+    for each in days:
+        alone = flight_model.score_flights(model, "sha256:abc", frame, each, "job-1")
+        assert together[each].drop(["scored_at"]).equals(alone.drop(["scored_at"]))
 
 
 def artifact(kind, path: Path):
