@@ -4,11 +4,11 @@ dbt sources map to the Python assets. Materializations carry row counts, column 
 column lineage (dagster-dbt's fetches on the event stream, see build_dbt_assets).
 
 What a dbt step spends besides dbt's own work (bench/p7_dbt_steps.py): dagster-dbt runs
-`dbt --version` (2.0 s here: it imports dbt and asks PyPI for the latest releases) once per
-DbtCliResource instance, i.e. once per run (in-process executor) or step process
-(multiprocess), before its first command (`DbtCliResource._cli_version`, a cached property
-that `cli()` always reads); neither a constructor argument, nor a setting, nor an
-environment variable of dagster-dbt 0.29 skips it, so it stays.
+`<dbt_executable> --version` once per DbtCliResource instance, i.e. once per run
+(in-process executor) or step process (multiprocess), only to read dbt's version number.
+`dbt --version` imports all of dbt and asks PyPI for the latest releases (2.7 s here), so
+the resource runs `ml-platform-dbt` (ml_platform/dbt_command.py), which answers that from
+the installed package and is dbt's own command line for everything else.
 
 How dbt-bigquery authenticates: dbt runs as a subprocess and builds its own Google
 credentials from the profile, so it cannot share the code location's Python credentials
@@ -20,6 +20,8 @@ each dbt command gets an access token minted from the code location's credential
 before it starts, in one environment variable of its own process only (`start_dbt`).
 """
 
+import atexit
+import gc
 import hashlib
 import json
 import os
@@ -268,6 +270,11 @@ def close_adapter(invocation: DbtCliInvocation) -> None:
     read-only, and the next step of a run (the in-process executor runs them all in one
     process) could neither write to it nor open it with another configuration. dbt's own
     end-of-command clean-up, then dbt-duckdb's (its exit hook), which lets the database go.
+
+    The column fetches leave DuckDB objects referenced from what ml_platform.definitions
+    froze (gc.freeze) at import; still alive when DuckDB's extension unloads, its bindings
+    would print some 45 lines of "nanobind: leaked ..." at exit. Such a process unfreezes at
+    exit, as one that imported DuckDB before the freeze does (definitions.py).
     """
     adapter = invocation.adapter
     if adapter is None:
@@ -276,6 +283,8 @@ def close_adapter(invocation: DbtCliInvocation) -> None:
     close_all = getattr(type(adapter.connections), "close_all_connections", None)
     if close_all is not None:  # dbt-duckdb
         close_all()
+        atexit.unregister(gc.unfreeze)  # once, however many steps
+        atexit.register(gc.unfreeze)
 
 
 def build_dbt_assets(
@@ -314,13 +323,11 @@ def build_dbt_assets(
                 )
                 events = invocation.stream()
                 if table_metadata and names_our_tables(invocation.manifest, settings, context):
-                    # Row counts (tables only), read through dbt's adapter in this process
-                    # once each model is built. With DuckDB, once dbt has exited and
-                    # released the file: dagster-dbt holds the step's events until then.
-                    # Not fetch_column_metadata (column types, lineage): with two dbt steps
-                    # at once it leaves DuckDB objects alive at exit, and nanobind prints a
-                    # page of "leaked" warnings after the run (tests/faults/test_writers.py).
-                    events = events.fetch_row_counts()
+                    # Row counts (tables only), column types and column lineage, read
+                    # through dbt's adapter in this process once each model is built. With
+                    # DuckDB, once dbt has exited and released the file: dagster-dbt holds
+                    # the step's events until then.
+                    events = events.fetch_row_counts().fetch_column_metadata()
                 try:
                     yield from events
                 finally:

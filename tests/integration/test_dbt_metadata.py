@@ -81,6 +81,32 @@ def test_tables_carry_their_real_row_count(deployment, built):
         assert "dagster/row_count" not in events[key].metadata
 
 
+def test_models_carry_their_column_types_and_lineage(deployment, built):
+    """The types the warehouse itself reports, and each column's sources, for views and
+    tables alike."""
+    events = materializations(built)
+    for key in (*TABLES, *VIEWS):
+        layer, name = key.split("/")
+        stored = deployment.sql(
+            "select column_name, data_type from information_schema.columns "
+            f"where table_schema = '{deployment.settings.dataset(layer)}' "
+            f"and table_name = '{name}' order by ordinal_position"
+        )
+        schema = events[key].metadata["dagster/column_schema"].value
+        assert [column.name for column in schema.columns] == [c for c, _ in stored], key
+        assert all(column.type for column in schema.columns), key
+    # A feature traced to the staging column it comes from, and that to the raw table's.
+    lineage = events["features/flight_features"].metadata["dagster/column_lineage"].value
+    assert (
+        dg.TableColumnDep(dg.AssetKey(["staging", "stg_flights"]), "carrier")
+        in (lineage.deps_by_column["carrier"])
+    )
+    lineage = events["staging/stg_flights"].metadata["dagster/column_lineage"].value
+    assert lineage.deps_by_column["air_time"] == [
+        dg.TableColumnDep(dg.AssetKey(["raw", "flights"]), "air_time")
+    ]
+
+
 def test_the_step_leaves_the_warehouse_free(deployment, built):
     """The adapter dagster-dbt opened in this process for the fetches let the file go: the
     next step of a run (same process, in-process executor) can write to it."""
