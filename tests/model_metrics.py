@@ -1,4 +1,4 @@
-"""What a training job's evaluate_model logs, in the shape the real component writes
+"""What a training job's train_and_evaluate logs, in the shape the real component writes
 (ml_platform/pipelines/model.py: Evaluation.as_dict and evaluate_out_of_time), with figures
 of the size the real data gives: for tests that stand in a training job."""
 

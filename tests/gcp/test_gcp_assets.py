@@ -100,7 +100,7 @@ TICK = 30.0  # seconds of the fake's clock per look at a job
 # The runner's wait: quick polls; the deadline (real seconds) only stops a broken test.
 FAST_POLL = PollPolicy(initial_interval=0.01, max_interval=0.05, backoff=1.5, deadline=60.0)
 
-# What the real evaluate_model component logs (model.Evaluation), for a model that beats
+# What the real train_and_evaluate component logs (model.Evaluation), for a model that beats
 # the carrier x scheduled-hour baseline (the AUC, log loss and Brier figures README.md
 # reports).
 EVALUATION = Evaluation(
@@ -366,7 +366,7 @@ class Platform:
 
 @pytest.fixture(scope="module")
 def evaluation_plot(tmp_path_factory) -> bytes:
-    """The PNG the real evaluate_model component would store, from the project's plot code."""
+    """The PNG the real train_and_evaluate component would store, from the project's plot code."""
     path = tmp_path_factory.mktemp("plot") / "evaluation.png"
     curves = {
         "model_roc": ([0.0, 0.1, 0.3, 1.0], [0.0, 0.4, 0.75, 1.0]),
