@@ -151,6 +151,9 @@ def test_an_interrupted_wait_cancels_the_job(backend):
     runner, _, template = backend
     # A real SIGINT while the wait blocks on the worker: what the Dagster step sees when its
     # run is terminated.
+    # Python's own handler, even where this process was started with SIGINT ignored (a shell
+    # ignores it for the commands it starts in the background).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     interrupt.start()
     try:
@@ -158,6 +161,7 @@ def test_an_interrupted_wait_cancels_the_job(backend):
             runner.run(request(template, seconds=60.0))
     finally:
         interrupt.cancel()
+        signal.signal(signal.SIGINT, previous)
     job = runner.get("nap-1")
     assert job.state is JobState.CANCELLED
     assert job.end_time is not None
