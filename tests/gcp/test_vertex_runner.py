@@ -172,6 +172,21 @@ def training_request(settings, registry, job_id=None) -> JobRequest:
     )
 
 
+def prediction_request(registry) -> JobRequest:
+    return JobRequest(
+        job_id="flight-delay-predictions-2013-10-01-8f2c1b7a",
+        template=registry.resolve(PREDICTION_PIPELINE, "prod"),
+        parameters={
+            "warehouse_uri": "bigquery://acme-ml",
+            "features_dataset": "flights_features",
+            "predictions_dataset": "flights_predictions",
+            "flight_date": "2013-10-01",
+            "model_uri": "gs://acme-ml-pipelines/pipeline_root/prod/model",
+        },
+        labels={"deployment": "prod", "asset": "flight_delay_predictions"},
+    )
+
+
 def run(runner, request, clock, **kwargs):
     return runner.run(request, sleep=clock.sleep, clock=clock.monotonic, **kwargs)
 
@@ -278,18 +293,7 @@ def assert_training_outputs(job) -> None:
 def test_output_parameters_come_back_as_their_declared_types(
     runner, settings, registry, vertex, clock, shape
 ):
-    request = JobRequest(
-        job_id="flight-delay-predictions-2013-10-01-8f2c1b7a",
-        template=registry.resolve(PREDICTION_PIPELINE, "prod"),
-        parameters={
-            "warehouse_uri": "bigquery://acme-ml",
-            "features_dataset": "flights_features",
-            "predictions_dataset": "flights_predictions",
-            "flight_date": "2013-10-01",
-            "model_uri": "gs://acme-ml-pipelines/pipeline_root/prod/model",
-        },
-        labels={"deployment": "prod", "asset": "flight_delay_predictions"},
-    )
+    request = prediction_request(registry)
     vertex.plan(
         request.job_id,
         (0, "RUNNING"),
@@ -358,18 +362,7 @@ def test_tasks_nested_in_a_component_scope_are_not_taken_for_the_root_dags(
 def test_job_level_caching_off_disables_it_for_every_task(settings, registry, vertex, clock):
     runner = make_runner(replace(settings, vertex_caching=False), registry)
     # The prediction pipeline: its model importer is cacheable as compiled, its scoring not.
-    request = JobRequest(
-        job_id="flight-delay-predictions-2013-10-01-8f2c1b7a",
-        template=registry.resolve(PREDICTION_PIPELINE, "prod"),
-        parameters={
-            "warehouse_uri": "bigquery://acme-ml",
-            "features_dataset": "flights_features",
-            "predictions_dataset": "flights_predictions",
-            "flight_date": "2013-10-01",
-            "model_uri": "gs://acme-ml-pipelines/pipeline_root/prod/model",
-        },
-        labels={"deployment": "prod", "asset": "flight_delay_predictions"},
-    )
+    request = prediction_request(registry)
     vertex.plan(request.job_id, (0, "SUCCEEDED"), outputs=PREDICTION_OUTPUTS)
     run(runner, request, clock)
     spec = vertex.calls("create")[0].body["pipelineSpec"]
