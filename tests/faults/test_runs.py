@@ -200,15 +200,44 @@ def test_materialize_again_after_its_whole_process_group_was_killed_mid_run(plac
             assert before["end_time"] <= after["start_time"], f"two jobs of {day} at once"
 
 
+# Submits a run to the queue as `materialize` does, prints its id, then waits to be killed.
+SUBMIT_AND_WAIT = """
+import os, sys, time
+from ml_platform.local_runs import launch
+from ml_platform.settings import PROJECT_DIR
+(run_id,) = launch([("score_flights", "2013-10-04")], workspace=PROJECT_DIR / "workspace.yaml",
+                   location="ml_platform", env=dict(os.environ), log=sys.stderr)
+print(run_id, flush=True)
+time.sleep(600)
+"""
+
+
 def test_materialize_again_after_it_was_killed_while_training(place: Place):
     killed = place.materialize(1)
     wait_until(lambda: job_running(place, TRAINING_PIPELINE), 600, "the training to start")
     killed.send_signal(signal.SIGKILL)  # the command alone: its daemon goes with it
     killed.communicate(timeout=60)
+    # And a run queued by a submitter killed before any daemon took it: no daemon lives now
+    # (the killed command's went with it), so it stays QUEUED.
+    submitter = subprocess.Popen(
+        [sys.executable, "-c", SUBMIT_AND_WAIT],
+        env=place.env,
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    queued = submitter.stdout.readline().strip()
+    submitter.kill()
+    submitter.wait()
+    assert place.instance.get_run_by_id(queued).status is dg.DagsterRunStatus.QUEUED
 
     again = place.materialize(1)
     output = again.communicate(timeout=900)[0]
     assert again.returncode == 0, output[-3000:]
+    # The next materialize canceled it, said so, and ran as usual.
+    assert f"canceled run {queued} (score_flights) of a killed materialize" in output
+    assert place.instance.get_run_by_id(queued).status is dg.DagsterRunStatus.CANCELED
     assert place.runs(dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED) == []
     assert place.duplicates() == []
     wait_until(lambda: place.orphaned_jobs() == [], 30, "no job without a worker")
